@@ -1,0 +1,134 @@
+"""The run directory: job.yaml, metrics.jsonl, summary.json, student/.
+
+    runs/<name>/
+      job.yaml        the resolved job (every default filled in)
+      metrics.jsonl   one JSON object per report from the workers
+      summary.json    the outcome: status, steps, tokens, perplexities, wall time, export dir
+      student/        the student in Hugging Face format, with the teacher's tokenizer
+      checkpoints/    Ray Train checkpoints (unless train.storage points elsewhere)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from raykd.config import JobConfig, dump_yaml
+from raykd.errors import UserError
+
+try:  # the callback runs inside Ray Train's controller; the base class is all it needs
+    from ray.train import UserCallback
+except ImportError:  # pragma: no cover - ray is a hard dependency
+    UserCallback = object  # type: ignore[misc,assignment]
+
+
+def check_free(job: JobConfig) -> Path:
+    """The run directory, refusing one that exists (unless run.overwrite) before anything
+    is written."""
+    path = job.run_dir
+    if path.exists() and any(path.iterdir()) and not job.run.overwrite:
+        raise UserError(f"run.name: run directory {path} already exists; choose another "
+                        "run.name or set run.overwrite=true")
+    return path
+
+
+def create(job: JobConfig) -> Path:
+    path = check_free(job)
+    if path.exists() and job.run.overwrite:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "job.yaml").write_text(dump_yaml(job))
+    return path
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+class MetricsWriter(UserCallback):  # type: ignore[misc,valid-type]
+    """Ray Train callback (runs in the controller, on the driver's node): appends rank 0's
+    reported metrics to metrics.jsonl as they arrive."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+                     ) -> None:
+        if not metrics:
+            return
+        row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+class Follower:
+    """Prints a progress line for each new metrics.jsonl row while training runs."""
+
+    def __init__(self, path: Path, total_steps: int, printer: Callable[[str], None] = print):
+        self.path = path
+        self.total_steps = total_steps
+        self.printer = printer
+        self._stop = threading.Event()
+        self._seen = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._start = time.time()
+
+    def __enter__(self) -> "Follower":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            self._poll()
+
+    def _poll(self) -> None:
+        rows = read_metrics(self.path)
+        for row in rows[self._seen:]:
+            self.printer(format_progress(row, self.total_steps, time.time() - self._start))
+        self._seen = len(rows)
+
+
+def format_progress(row: dict[str, Any], total_steps: int, elapsed: float) -> str:
+    step = row.get("step", 0)
+    parts = [f"step {step:>5}/{total_steps}"]
+    if "loss" in row:
+        parts.append(f"loss {row['loss']:.3f} (kd {row['kd_loss']:.3f} ce {row['ce_loss']:.3f})")
+        parts.append(f"lr {row['lr']:.2e}")
+        parts.append(f"{row['tokens_per_s']:.0f} tok/s")
+    if "eval_ppl" in row:
+        parts.append(f"eval ppl {row['eval_ppl']:.1f}")
+    if step and total_steps and step < total_steps:
+        eta = elapsed / step * (total_steps - step)
+        parts.append(f"eta {eta:.0f}s")
+    return "  " + " | ".join(parts)

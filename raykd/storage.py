@@ -1,0 +1,136 @@
+"""Paths and URIs: local files, s3:// (any S3-compatible endpoint) and pkg:// (package data).
+
+Everything returns a `pyarrow.fs.FileSystem` plus a path on it, the form Ray Data and
+Ray Train both take. S3 endpoints travel inside the URI
+(`s3://bucket/key?endpoint_override=127.0.0.1:9000&scheme=http`) because pyarrow ignores
+`AWS_ENDPOINT_URL`; credentials come from the usual AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from raykd.errors import UserError
+
+_GLOB_CHARS = "*?["
+
+
+def resolve_pkg(uri: str, key: str = "") -> str:
+    """`pkg://DIST/path/in/it` -> the absolute path of that file in the installed package."""
+    import importlib.metadata as md
+
+    rest = uri[len("pkg://"):]
+    dist_name, _, inner = rest.partition("/")
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        where = f"{key}: " if key else ""
+        raise UserError(
+            f"{where}package '{dist_name}' in {uri} is not installed "
+            f"(pip install --no-deps {dist_name})"
+        ) from None
+    return str(Path(str(dist.locate_file(""))) / inner)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith(("pkg://", "file://"))
+
+
+def local_path(uri: str, key: str = "") -> str:
+    """A pkg://, file:// or plain path as an absolute local path."""
+    if uri.startswith("pkg://"):
+        return resolve_pkg(uri, key)
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return str(Path(uri).expanduser().absolute())
+
+
+def filesystem(uri: str, key: str = "") -> tuple[pafs.FileSystem, str]:
+    """URI or path -> (pyarrow filesystem, path on it)."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), local_path(uri, key)
+    parts = urlsplit(uri)
+    root = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
+    try:
+        fs, _ = pafs.FileSystem.from_uri(root)
+    except (pa_errors() + (ValueError,)) as e:
+        raise UserError(f"{key}: cannot open {uri}: {e}") from None
+    return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+
+
+def pa_errors() -> tuple[type[BaseException], ...]:
+    import pyarrow as pa
+
+    return (pa.ArrowException, OSError)
+
+
+@dataclass
+class FileSet:
+    """Files matched by the data sources, on one filesystem."""
+
+    fs: pafs.FileSystem
+    paths: list[str]  # full paths on fs
+    names: list[str]  # stable names relative to each pattern's fixed prefix (for sample ids)
+
+
+def expand(patterns: list[str], key: str) -> FileSet:
+    """Expand files, directories and glob patterns; every pattern must match something."""
+    fs_seen: pafs.FileSystem | None = None
+    paths: list[str] = []
+    names: list[str] = []
+    for pattern in patterns:
+        fs, path = filesystem(pattern, key)
+        if fs_seen is not None and fs.type_name != fs_seen.type_name:
+            raise UserError(f"{key}: all sources must be on one filesystem; {pattern} is not")
+        fs_seen = fs
+        found = _match(fs, path, pattern, key)
+        if not found:
+            raise UserError(f"{key}: no files match {pattern}")
+        base = _fixed_prefix(path)
+        for p in found:
+            paths.append(p)
+            names.append(Path(p).name if p == path else os.path.relpath(p, base))
+    assert fs_seen is not None
+    return FileSet(fs=fs_seen, paths=paths, names=names)
+
+
+def _match(fs: pafs.FileSystem, path: str, pattern: str, key: str) -> list[str]:
+    try:
+        if not any(c in path for c in _GLOB_CHARS):
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                return [path]
+            if info.type == pafs.FileType.NotFound:
+                raise UserError(f"{key}: {pattern} does not exist")
+            return sorted(
+                i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                if i.type == pafs.FileType.File and not Path(i.path).name.startswith(".")
+            )
+        base = _fixed_prefix(path)
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        return sorted(
+            i.path for i in infos
+            if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
+        )
+    except UserError:
+        raise
+    except pa_errors() as e:
+        raise UserError(f"{key}: cannot list {pattern}: {_short(e)}") from None
+
+
+def _fixed_prefix(path: str) -> str:
+    """The directory part of a pattern before its first glob character."""
+    cut = min((path.index(c) for c in _GLOB_CHARS if c in path), default=None)
+    if cut is None:
+        return path
+    return path[:cut].rsplit("/", 1)[0]
+
+
+def _short(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,118 @@
+"""Distillation losses over sparse (top-k + tail) teacher labels. Pure functions.
+
+The teacher's tempered distribution p is known exactly on its top-k ids and, through the
+stored full-vocabulary log-sum-exp, as one number outside them: the tail mass
+p_tail = 1 - sum_i p_i. The student's distribution q is coarsened the same way (its exact
+probabilities on the teacher's top-k ids and its exact remaining mass q_tail), and the loss
+is the KL divergence between these two (k+1)-outcome distributions:
+
+    forward:  sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+    reverse:  sum_i q_i log(q_i / p_i) + q_tail log(q_tail / p_tail)
+
+It equals the full-vocabulary KL when the top-k hold all the teacher's mass, and is a
+lower bound otherwise (KL cannot grow when outcomes are merged). Unlike dropping the tail
+(what most top-k distillers do), it still tells the student how much mass belongs outside
+the top-k, so the student is not pushed to pile all its mass onto k tokens.
+
+All maths is in fp32 whatever the model's dtype. Tail masses are floored at
+`TAIL_FLOOR`, where fp32 cannot tell 1 - sum from 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+TAIL_FLOOR = 1e-6
+_LOG_TAIL_CAP = math.log1p(-TAIL_FLOOR)  # log of the largest top-k mass we resolve
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor  # scalar, what backward() is called on
+    kd: torch.Tensor  # scalar, the KL term before alpha * T^2
+    ce: torch.Tensor  # scalar, next-token cross-entropy
+    tokens: torch.Tensor  # scalar, positions that counted
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def sparse_kl(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    temperature: float,
+    kind: str = "forward_kl",
+) -> torch.Tensor:
+    """Per-position KL between teacher and student, both coarsened to top-k + tail.
+
+    student_logits (B, L, V) any float dtype; topk_ids (B, L, k) int64;
+    topk_logits (B, L, k) raw teacher logits; teacher_lse (B, L) = logsumexp(z / T) over
+    the teacher's full vocabulary. Returns (B, L) float32.
+    """
+    s = student_logits.float() / temperature
+    s_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, L, 1)
+    log_q = s.gather(-1, topk_ids) - s_lse  # (B, L, k)
+    log_p = topk_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)
+    log_p_tail = log1mexp(torch.logsumexp(log_p, -1).clamp(max=_LOG_TAIL_CAP))  # (B, L)
+    log_q_tail = log1mexp(torch.logsumexp(log_q, -1).clamp(max=_LOG_TAIL_CAP))
+    if kind == "forward_kl":
+        body = (log_p.exp() * (log_p - log_q)).sum(-1)
+        tail = log_p_tail.exp() * (log_p_tail - log_q_tail)
+    elif kind == "reverse_kl":
+        body = (log_q.exp() * (log_q - log_p)).sum(-1)
+        tail = log_q_tail.exp() * (log_q_tail - log_p_tail)
+    else:
+        raise ValueError(f"unknown KL kind {kind!r}")
+    return body + tail
+
+
+def next_token_ce(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-position -log q(input_ids[t+1]) at T = 1; (B, L) float32, last position 0."""
+    logits = student_logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1).long(),
+        reduction="none",
+    ).view(input_ids.shape[0], -1)
+    return torch.nn.functional.pad(ce, (0, 1))
+
+
+def target_mask(length: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, L) bool: positions t with a real next token (t + 1 < length)."""
+    positions = torch.arange(seq_len, device=length.device)
+    return positions.unsqueeze(0) + 1 < length.unsqueeze(1)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    length: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    teacher_lse: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    kind: str = "forward_kl",
+) -> LossParts:
+    """alpha * T^2 * KL + (1 - alpha) * CE, averaged over positions with a next token.
+
+    Shapes as in `sparse_kl`; input_ids (B, L); length (B,). Padding and the last real
+    position (no target) are masked out of both terms, so a batch of length-0 rows is a
+    zero loss that still runs forward/backward (how ranks that ran out of data keep
+    DeepSpeed's collectives in step).
+    """
+    mask = target_mask(length, input_ids.shape[1]).float()
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1.0)
+    kd = (sparse_kl(student_logits, topk_ids, topk_logits, teacher_lse, temperature, kind)
+          * mask).sum() / denom if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
+    ce = (next_token_ce(student_logits, input_ids) * mask).sum() / denom
+    loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce
+    return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens)

@@ -1,0 +1,305 @@
+"""The student's training loop: what every Ray Train worker runs, top to bottom.
+
+    build student -> deepspeed.initialize -> [restore] -> eval ->
+    for each epoch: for each micro-batch of soft labels streamed from the teacher pool:
+        forward, distill_loss, engine.backward, engine.step
+        every log_every / eval_every / checkpoint_every steps: report (+ eval, checkpoint)
+    -> final eval -> final checkpoint holding the exported Hugging Face student
+
+Ranks may receive different numbers of rows (the split is exact, not equalised, so no
+sample is dropped). Every micro-step therefore starts with an all-reduce of "do I still
+have data"; a rank that ran out feeds a zero-length batch, so DeepSpeed's collectives stay
+in step and the loop ends on all ranks together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raykd.data import soft_labels
+from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_mask
+
+CHECKPOINT_TAG = "deepspeed"
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0  # global, consumed
+    tokens: int = 0  # global, target tokens trained on
+    consumed: dict[int, list[np.ndarray]] = field(default_factory=dict)  # epoch -> ids, this rank
+
+
+@dataclass
+class Window:
+    """Loss sums since the last report (this rank)."""
+
+    loss: float = 0.0
+    kd: float = 0.0
+    ce: float = 0.0
+    tokens: float = 0.0
+    samples: int = 0
+    started: float = field(default_factory=time.time)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray
+    import ray.train
+
+    from raykd.config import job_from_dict
+    from raykd.student.model import build_student
+    from raykd.student.optim import deepspeed_config, lr_lambda, optimizer
+    from raykd.teacher.loading import load_model, materialize
+
+    job = job_from_dict(config["job"])
+    plan = config["plan"]
+    train = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
+    if train.use_gpu:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    torch.manual_seed(job.run.seed)  # same seed on every rank: identical initial students
+
+    from transformers import AutoConfig
+
+    teacher_dir = materialize(job.teacher.model)
+    teacher_config = AutoConfig.from_pretrained(teacher_dir)
+    teacher_state = None
+    if job.student.init_from_teacher:
+        teacher_state = load_model(teacher_dir, "float32", "cpu").state_dict()
+    model = build_student(teacher_config, job.student, teacher_state)
+    del teacher_state
+    model_config = model.config
+    opt = optimizer(model, train)
+    total_steps = plan["total_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched,
+        config=deepspeed_config(train, world), dist_init_required=False,
+    )
+
+    progress = Progress()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            progress = _restore(engine, d, rank)
+
+    eval_rows = _rank_rows(ray.get(plan["eval_ref"]), rank, world)
+    shard = ray.train.get_dataset_shard("train")
+    labeled_at_max = 0.0
+    first_step_time = None
+
+    def report(metrics: dict[str, Any], save: bool = False, final: bool = False) -> None:
+        base = {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
+                "tokens": progress.tokens, "time": time.time(),
+                "labeled_at_max": _all_max(labeled_at_max, device), **metrics}
+        if not save:
+            ray.train.report(base)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            _save(engine, progress, tmp, rank)
+            if final:
+                from raykd.student.model import export, full_state_dict
+
+                state = full_state_dict(engine)
+                if state is not None:
+                    export(model_config, state, os.path.join(tmp, "hf"))
+            ray.train.report(base, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    if progress.step == 0 and checkpoint is None:
+        report(evaluate(engine, eval_rows, job, device))
+
+    window = Window()
+    done = max_steps_reached = False
+    for epoch in range(progress.epoch, train.epochs):
+        progress.epoch = epoch
+        consumed = progress.consumed.setdefault(epoch, [])
+        batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
+        for batch in _synced(batches, lambda: _empty_batch(job), device):
+            engine.train()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = soft_labels.decode(batch, device)
+            logits = engine(input_ids=batch["input_ids"].long()).logits
+            parts = distill_loss(
+                logits, batch["input_ids"], batch["length"], labels.topk_ids,
+                labels.topk_logits, labels.lse, alpha=job.loss.alpha,
+                temperature=job.labels.temperature, kind=job.loss.kind,
+            )
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(parts.loss)
+            engine.step()
+
+            n = int((batch["length"] > 0).sum())
+            if n:
+                consumed.append(batch["sample_id"][batch["length"] > 0].cpu().numpy())
+                labeled_at_max = max(labeled_at_max, float(batch["labeled_at"].max()))
+            tok = float(parts.tokens)
+            window.loss += float(parts.loss.detach()) * tok
+            window.kd += float(parts.kd) * tok
+            window.ce += float(parts.ce) * tok
+            window.tokens += tok
+            window.samples += n
+            if not boundary:
+                continue
+
+            progress.step += 1
+            if first_step_time is None:
+                first_step_time = time.time()
+            max_steps_reached = train.max_steps is not None and progress.step >= train.max_steps
+            if progress.step % train.log_every == 0 or max_steps_reached:
+                metrics = _window_metrics(window, engine, device, progress)
+                window = Window()
+                if train.eval_every and progress.step % train.eval_every == 0:
+                    metrics.update(evaluate(engine, eval_rows, job, device))
+                save = bool(train.checkpoint_every) and progress.step % train.checkpoint_every == 0
+                report(metrics, save=save and not max_steps_reached)
+            if max_steps_reached:
+                done = True
+                break
+        if done:
+            break
+    metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
+    metrics.update(evaluate(engine, eval_rows, job, device))
+    metrics["first_step_time"] = first_step_time or 0.0
+    report(metrics, save=True, final=True)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.device
+             ) -> dict[str, float]:
+    """Held-out next-token loss (T = 1) and KD loss of the student, summed over ranks."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # ce*tokens, kd*tokens, tokens
+    mb = job.train.micro_batch_size
+    n = len(rows["sample_id"])
+    chunks = (
+        {k: torch.from_numpy(v[i:i + mb]) for k, v in rows.items()} for i in range(0, n, mb)
+    )
+    with torch.no_grad():
+        for batch in _synced(chunks, lambda: _empty_batch(job), device):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"].long()).logits
+            mask = target_mask(batch["length"], batch["input_ids"].shape[1]).float()
+            labels = soft_labels.decode(batch, device)
+            ce = next_token_ce(logits, batch["input_ids"])
+            kd = sparse_kl(logits, labels.topk_ids, labels.topk_logits, labels.lse,
+                           job.labels.temperature, job.loss.kind)
+            sums += torch.stack([(ce * mask).sum(), (kd * mask).sum(), mask.sum()]).double().cpu()
+    sums = _all_sum(sums, device)
+    tokens = max(float(sums[2]), 1.0)
+    loss = float(sums[0]) / tokens
+    return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0))),
+            "eval_kd": float(sums[1]) / tokens, "eval_tokens": float(sums[2])}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _synced(batches: Any, empty: Any, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches until every rank is out of data; exhausted ranks get `empty()`."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([0 if batch is None else 1], dtype=torch.int64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if int(more.item()) == 0:
+            return
+        yield batch if batch is not None else empty()
+
+
+def _empty_batch(job: Any) -> dict[str, torch.Tensor]:
+    """One row of length 0: contributes nothing, but runs the model like a real batch."""
+    seq, k = job.data.seq_len, job.labels.top_k
+    return {
+        "sample_id": torch.zeros(1, dtype=torch.int64),
+        "input_ids": torch.zeros(1, seq, dtype=torch.int32),
+        "length": torch.zeros(1, dtype=torch.int32),
+        "topk_ids": torch.zeros(1, seq, k, dtype=torch.int32),
+        "topk_logits": torch.zeros(1, seq, k, dtype=torch.float32),
+        "lse": torch.zeros(1, seq, dtype=torch.float32),
+        "labeled_at": torch.zeros(1, dtype=torch.float64),
+    }
+
+
+def _rank_rows(rows: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    return {k: v[rank::world] for k, v in rows.items()}
+
+
+def _all_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not dist.is_initialized():
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    return moved.cpu()
+
+
+def _all_max(value: float, device: torch.device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _window_metrics(window: Window, engine: Any, device: torch.device, progress: Progress
+                    ) -> dict[str, float]:
+    sums = _all_sum(torch.tensor([window.loss, window.kd, window.ce, window.tokens,
+                                  float(window.samples)], dtype=torch.float64), device)
+    elapsed = max(time.time() - window.started, 1e-9)
+    tokens = max(float(sums[3]), 1.0)
+    progress.tokens += int(sums[3])
+    progress.samples += int(sums[4])
+    return {
+        "loss": float(sums[0]) / tokens,
+        "kd_loss": float(sums[1]) / tokens,
+        "ce_loss": float(sums[2]) / tokens,
+        "lr": float(engine.get_lr()[0]),
+        "tokens_per_s": float(sums[3]) / elapsed,
+        "samples": progress.samples,
+        "tokens": progress.tokens,
+    }
+
+
+def _save(engine: Any, progress: Progress, directory: str, rank: int) -> None:
+    """DeepSpeed state (every rank) + this rank's ledger + progress (rank 0)."""
+    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
+    ledger = Path(directory, "ledger")
+    ledger.mkdir(exist_ok=True)
+    for epoch, chunks in progress.consumed.items():
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
+        np.save(ledger / f"epoch{epoch:04d}-rank{rank:05d}.npy", ids)
+    if rank == 0:
+        Path(directory, "progress.json").write_text(json.dumps(
+            {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
+             "tokens": progress.tokens}))
+
+
+def _restore(engine: Any, directory: str, rank: int) -> Progress:
+    engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    state = json.loads(Path(directory, "progress.json").read_text())
+    progress = Progress(step=state["step"], epoch=state["epoch"], samples=state["samples"],
+                        tokens=state["tokens"])
+    for own in sorted(Path(directory, "ledger").glob(f"epoch*-rank{rank:05d}.npy")):
+        epoch = int(own.name[len("epoch"):].split("-")[0])
+        progress.consumed[epoch] = [np.load(own, allow_pickle=False)]
+    return progress

@@ -1,0 +1,55 @@
+"""How the teacher is loaded and how its replica pool is sized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from raykd.errors import ConfigError
+from raykd.fields import doc, required
+
+
+@dataclass
+class ReplicasConfig:
+    """Bounds of the teacher actor pool (Ray Data ActorPoolStrategy)."""
+
+    min: int = doc(1, "Replicas kept alive at least.")
+    max: int = doc(1, "Replicas the pool may grow to while labels are the bottleneck.")
+
+    def validate(self) -> None:
+        if self.min < 1:
+            raise ConfigError("min", f"must be >= 1 (Ray Data pools cannot scale to 0), got {self.min}")
+        if self.max < self.min:
+            raise ConfigError("max", f"must be >= teacher.replicas.min ({self.min}), got {self.max}")
+
+
+@dataclass
+class TeacherConfig:
+    """The model whose soft labels the student learns from."""
+
+    kind: Literal["hf_causal_lm"] = doc("hf_causal_lm", "Teacher family: a Hugging Face causal LM.")
+    model: str = required(
+        "A Hugging Face model directory, a hub id (where a hub is reachable), a .gguf file, "
+        "or pkg://DISTRIBUTION/path for a model that ships in a Python package."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "auto", "Inference dtype; auto is bfloat16 on GPU and float32 on CPU."
+    )
+    batch_size: int = doc(8, "Sequences per teacher forward pass.")
+    replicas: ReplicasConfig = doc(ReplicasConfig(), "Size of the teacher pool.")
+    num_cpus: float = doc(1.0, "CPUs reserved by each replica (its torch thread count on CPU).")
+    num_gpus: float = doc(0.0, "GPUs reserved by each replica; > 0 runs the teacher on CUDA.")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.num_cpus < 0:
+            raise ConfigError("num_cpus", f"must be >= 0, got {self.num_cpus}")
+        if self.num_gpus < 0:
+            raise ConfigError("num_gpus", f"must be >= 0, got {self.num_gpus}")
+        if self.num_cpus == 0 and self.num_gpus == 0:
+            raise ConfigError("num_cpus", "a replica needs CPUs or GPUs; both are 0")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.num_gpus > 0

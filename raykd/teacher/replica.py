@@ -1,0 +1,74 @@
+"""One teacher replica: a plain callable class that Ray Data runs in an actor pool.
+
+`__init__` loads the teacher once; `__call__(batch)` adds the soft-label columns of
+`raykd.data.soft_labels` to a batch of packed sequences. It runs without Ray, too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from raykd.data import soft_labels
+from raykd.data.soft_labels import LabelConfig
+from raykd.teacher.config import TeacherConfig
+
+
+def resolve_dtype(teacher: TeacherConfig) -> str:
+    if teacher.dtype != "auto":
+        return teacher.dtype
+    return "bfloat16" if teacher.on_gpu else "float32"
+
+
+class TeacherReplica:
+    """Ray Data UDF: packed sequences -> packed sequences + soft labels."""
+
+    def __init__(self, teacher: TeacherConfig, labels: LabelConfig, emit_nll: bool = False):
+        import torch
+
+        from raykd.teacher.loading import load_model, materialize
+
+        if not teacher.on_gpu:
+            # Ray sets OMP_NUM_THREADS from num_cpus; torch may have read a default earlier.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.device = "cuda" if teacher.on_gpu else "cpu"
+        self.model = load_model(materialize(teacher.model), resolve_dtype(teacher), self.device)
+        self.vocab_size = self.model.config.vocab_size
+        self.labels = labels
+        self.emit_nll = emit_nll
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).long().to(self.device)
+        # Right padding under a causal mask cannot change the logits of real positions,
+        # so no attention mask is needed (and the fast SDPA path is kept).
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits.float()  # (B, L, V)
+            out = label_logits(logits, self.labels)
+            if self.emit_nll:
+                out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
+        out["labeled_at"] = np.full((ids.shape[0],), time.time(), dtype=np.float64)
+        return {**batch, **out}
+
+
+def label_logits(logits: Any, labels: LabelConfig) -> dict[str, np.ndarray]:
+    """Full logits (B, L, V) -> encoded top-k ids, logits and tempered log-sum-exp."""
+    import torch
+
+    k = min(labels.top_k, logits.shape[-1])
+    top_logits, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
+    lse = torch.logsumexp(logits / labels.temperature, dim=-1)
+    return soft_labels.encode(top_ids, top_logits, lse, labels)
+
+
+def next_token_nll(logits: Any, ids: Any) -> Any:
+    """-log p(ids[t+1] | ids[:t+1]) at T = 1; the last position gets 0. (B, L) float32."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(nll, (0, 1))
