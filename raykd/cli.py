@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -80,7 +81,13 @@ def find_user_error(e: BaseException) -> UserError | None:
                 return cause
             return UserError(cur.args[0]) if cur.args else cur
         stack.extend([getattr(cur, "cause", None), cur.__cause__, cur.__context__])
-    return None
+    # Ray Data re-raises a UDF's exception as UserCodeException without its cause; only the
+    # remote traceback text still carries our one-line message.
+    match = _REMOTE_USER_ERROR.search(str(e))
+    return UserError(match.group(1).strip()) if match else None
+
+
+_REMOTE_USER_ERROR = re.compile(r"raykd\.errors\.(?:UserError|ConfigError): ([^\n]+)")
 
 
 if __name__ == "__main__":

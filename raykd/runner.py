@@ -8,6 +8,7 @@ Run it on a laptop's CPU with `raykd run jobs/quickstart.yaml`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -278,3 +279,7 @@ def _init_ray(job: JobConfig) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = job.run.verbose
     ctx.print_on_execution_start = job.run.verbose
+    if not job.run.verbose:
+        # Ray Data logs every dataset's start/finish and re-logs UDF errors that raykd
+        # reports itself (as one line for bad input); keep the console to raykd's lines.
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)

@@ -131,7 +131,7 @@ class PackFiles:
         out_ids, out_len, out_sid = [], [], []
         for data, path in zip(batch["bytes"], batch["path"]):
             name = self.names.get(str(path), str(path))
-            docs = documents(bytes(data), detect_format(name, self.fmt), self.text_key, name)
+            docs = documents(bytes(data), detect_format(name, self.fmt), self.text_key, str(path))
             token_docs = tok(docs, add_special_tokens=False)["input_ids"] if docs else []
             ids, lengths = pack(token_docs, self.seq_len, eos, pad)
             sids = np.array([sample_id(name, i) for i in range(len(ids))], dtype=np.int64)
