@@ -43,10 +43,10 @@ def run(job: JobConfig, log: Callable[[str], None] = print) -> Outcome:
     rundir.check_free(job)
     log(f"raykd: preparing teacher {job.teacher.model}")
     model_dir = materialize(job.teacher.model)
-    _init_ray(job)
+    on_cluster = _init_ray(job)
     # Both passes read every file, so malformed data fails here, before anything is written.
     log("raykd: packing data and labelling the held-out set")
-    eval_rows = _eval_rows(job, checks.files)
+    eval_rows = _eval_rows(job, checks.files, on_cluster)
     n_train = sequences(job, checks.files, "train").count()
     if n_train == 0:
         raise UserError(f"data.source: no training sequences in {len(checks.files.paths)} "
@@ -55,7 +55,7 @@ def run(job: JobConfig, log: Callable[[str], None] = print) -> Outcome:
     log(f"raykd: run directory {path}")
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(path)}
     try:
-        summary = _distill(job, checks, model_dir, path, eval_rows, n_train, log)
+        summary = _distill(job, checks, model_dir, path, eval_rows, n_train, on_cluster, log)
     finally:
         summary["wall_s"] = round(time.time() - started, 1)
         rundir.write_json_atomic(path / "summary.json", summary)
@@ -63,8 +63,8 @@ def run(job: JobConfig, log: Callable[[str], None] = print) -> Outcome:
 
 
 def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
-             eval_rows: dict[str, np.ndarray], n_train: int, log: Callable[[str], None]
-             ) -> dict[str, Any]:
+             eval_rows: dict[str, np.ndarray], n_train: int, on_cluster: bool,
+             log: Callable[[str], None]) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -89,10 +89,11 @@ def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
-            resources_per_worker={"CPU": job.train.cpus_per_worker,
+            resources_per_worker={"CPU": job.train.cpus_per_worker, **job.train.resources,
                                   **({"GPU": 1} if job.train.use_gpu else {})},
+            label_selector=_labels(job.train.node_labels, on_cluster),
         ),
-        datasets={"train": label(job, train_ds)},
+        datasets={"train": label(job, train_ds, on_cluster)},
         dataset_config=ExactSplit(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=job.run.name,
@@ -153,8 +154,8 @@ def sequences(job: JobConfig, files: FileSet, split: str) -> Any:
     return ds.map_batches(pack, batch_size=1, batch_format="numpy")
 
 
-def label(job: JobConfig, ds: Any, emit_nll: bool = False, pool: tuple[int, int] | None = None
-          ) -> Any:
+def label(job: JobConfig, ds: Any, on_cluster: bool, emit_nll: bool = False,
+          pool: tuple[int, int] | None = None) -> Any:
     """Add soft-label columns with an autoscaling pool of teacher replicas."""
     import ray.data
 
@@ -172,10 +173,12 @@ def label(job: JobConfig, ds: Any, emit_nll: bool = False, pool: tuple[int, int]
         batch_format="numpy",
         num_cpus=job.teacher.num_cpus,
         num_gpus=job.teacher.num_gpus,
+        resources=job.teacher.resources or None,
+        label_selector=_labels(job.teacher.node_labels, on_cluster),
     )
 
 
-def _eval_rows(job: JobConfig, files: FileSet) -> dict[str, np.ndarray]:
+def _eval_rows(job: JobConfig, files: FileSet, on_cluster: bool) -> dict[str, np.ndarray]:
     """The held-out set (lowest sample ids, up to eval_max_samples), labelled with the
     teacher's soft labels and next-token NLL, as numpy columns."""
     import ray.data
@@ -187,7 +190,7 @@ def _eval_rows(job: JobConfig, files: FileSet) -> dict[str, np.ndarray]:
         raise UserError("data.eval_fraction: no held-out sequences; raise data.eval_fraction "
                         "or add data")
     ds = ray.data.from_items([{k: v[i] for k, v in cols.items()} for i in range(len(order))])
-    labelled = _collect(label(job, ds, emit_nll=True, pool=(1, 1)), None)
+    labelled = _collect(label(job, ds, on_cluster, emit_nll=True, pool=(1, 1)), None)
     order = np.argsort(labelled["sample_id"], kind="stable")
     return {k: v[order] for k, v in labelled.items()}
 
@@ -265,17 +268,37 @@ def ray_cpus(job: JobConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(need))
 
 
-def _init_ray(job: JobConfig) -> None:
+def _labels(labels: dict[str, str], on_cluster: bool) -> dict[str, str] | None:
+    # One node cannot carry both the teacher's and the students' labels, so embedded Ray
+    # ignores placement labels: the same job file then runs on a laptop and on a cluster.
+    return dict(labels) if labels and on_cluster else None
+
+
+def ray_resources(job: JobConfig) -> dict[str, float]:
+    """Custom resources embedded Ray declares so that cluster placement keys still fit."""
+    need: dict[str, float] = {}
+    for name, amount in job.teacher.resources.items():
+        need[name] = need.get(name, 0.0) + amount * job.teacher.replicas.max
+    for name, amount in job.train.resources.items():
+        need[name] = need.get(name, 0.0) + amount * job.train.num_workers
+    return need
+
+
+def _init_ray(job: JobConfig) -> bool:
+    """Start or join Ray; True when joining a cluster (placement labels then apply)."""
     import ray
     import ray.data
 
+    on_cluster = True
     if not ray.is_initialized():
         address = job.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, log_to_driver=job.run.verbose)
         else:
-            ray.init(num_cpus=ray_cpus(job), include_dashboard=False,
-                     log_to_driver=job.run.verbose, configure_logging=job.run.verbose)
+            on_cluster = False
+            ray.init(num_cpus=ray_cpus(job), resources=ray_resources(job) or None,
+                     include_dashboard=False, log_to_driver=job.run.verbose,
+                     configure_logging=job.run.verbose)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = job.run.verbose
     ctx.print_on_execution_start = job.run.verbose
@@ -283,3 +306,4 @@ def _init_ray(job: JobConfig) -> None:
         # Ray Data logs every dataset's start/finish and re-logs UDF errors that raykd
         # reports itself (as one line for bad input); keep the console to raykd's lines.
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+    return on_cluster

@@ -82,6 +82,13 @@ class TrainConfig:
     num_workers: int = doc(1, "Ray Train workers (data-parallel ranks).")
     use_gpu: bool = doc(False, "One GPU per worker with NCCL; false trains on CPU with gloo.")
     cpus_per_worker: float = doc(1.0, "CPUs reserved by each worker (its torch threads on CPU).")
+    resources: dict[str, float] = doc(
+        {}, "Custom Ray resources each worker needs, e.g. {student: 1} for student nodes."
+    )
+    node_labels: dict[str, str] = doc(
+        {}, "Ray node labels a worker's node must carry, e.g. {raykd.io/role: student}. "
+        "Ignored on embedded Ray (one node)."
+    )
     batch_size: int = doc(8, "Sequences per optimiser step, across all workers.")
     micro_batch_size: int = doc(
         8, "Sequences per forward pass on one worker; the rest is gradient accumulation."
@@ -131,6 +138,9 @@ class TrainConfig:
             raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        for name, amount in self.resources.items():
+            if amount <= 0:
+                raise ConfigError(f"resources.{name}", f"must be > 0, got {amount}")
         if self.precision == "bf16" and not self.use_gpu:
             raise ConfigError("precision", "bf16 needs use_gpu: true (CPU trains in fp32)")
 

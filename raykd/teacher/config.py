@@ -39,6 +39,14 @@ class TeacherConfig:
     replicas: ReplicasConfig = doc(ReplicasConfig(), "Size of the teacher pool.")
     num_cpus: float = doc(1.0, "CPUs reserved by each replica (its torch thread count on CPU).")
     num_gpus: float = doc(0.0, "GPUs reserved by each replica; > 0 runs the teacher on CUDA.")
+    resources: dict[str, float] = doc(
+        {}, "Custom Ray resources each replica needs, e.g. {teacher: 1} to run replicas only "
+        "on nodes started with that resource (KubeRay: a worker group's rayStartParams)."
+    )
+    node_labels: dict[str, str] = doc(
+        {}, "Ray node labels a replica's node must carry, e.g. {raykd.io/role: teacher} "
+        "(KubeRay: workerGroupSpecs[].labels). Ignored on embedded Ray (one node)."
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -47,6 +55,9 @@ class TeacherConfig:
             raise ConfigError("num_cpus", f"must be >= 0, got {self.num_cpus}")
         if self.num_gpus < 0:
             raise ConfigError("num_gpus", f"must be >= 0, got {self.num_gpus}")
+        for name, amount in self.resources.items():
+            if amount <= 0:
+                raise ConfigError(f"resources.{name}", f"must be > 0, got {amount}")
         if self.num_cpus == 0 and self.num_gpus == 0:
             raise ConfigError("num_cpus", "a replica needs CPUs or GPUs; both are 0")
 
