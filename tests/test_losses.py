@@ -11,8 +11,9 @@ from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_
 
 
 def _labels(teacher_logits: torch.Tensor, k: int, T: float):
+    """(top-k ids, their tempered log-probs) as soft_labels.decode returns them."""
     top_logits, top_ids = teacher_logits.topk(k, dim=-1)
-    return top_ids, top_logits, torch.logsumexp(teacher_logits / T, -1)
+    return top_ids, top_logits / T - torch.logsumexp(teacher_logits / T, -1, keepdim=True)
 
 
 def _bucketed_reference(student, teacher, k, T, kind):
@@ -36,8 +37,8 @@ def _bucketed_reference(student, teacher, k, T, kind):
 def test_full_vocab_equals_dense_kl(kind, T):
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 50) * 3, torch.randn(2, 5, 50) * 3
-    ids, logits, lse = _labels(t, 50, T)
-    got = sparse_kl(s, ids, logits, lse, T, kind)
+    ids, log_p = _labels(t, 50, T)
+    got = sparse_kl(s, ids, log_p, T, kind)
     logp, logq = torch.log_softmax(t / T, -1), torch.log_softmax(s / T, -1)
     if kind == "forward_kl":
         dense = (logp.exp() * (logp - logq)).sum(-1)
@@ -51,8 +52,8 @@ def test_full_vocab_equals_dense_kl(kind, T):
 def test_top_k_matches_bucketed_reference(kind, k):
     torch.manual_seed(1)
     s, t = torch.randn(2, 3, 40) * 2, torch.randn(2, 3, 40) * 4
-    ids, logits, lse = _labels(t, k, 1.5)
-    got = sparse_kl(s, ids, logits, lse, 1.5, kind)
+    ids, log_p = _labels(t, k, 1.5)
+    got = sparse_kl(s, ids, log_p, 1.5, kind)
     ref = _bucketed_reference(s, t, k, 1.5, kind)
     torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-4)
 
@@ -86,11 +87,11 @@ def test_distill_loss_masks_padding_and_mixes_terms():
     s, t = torch.randn(B, L, V), torch.randn(B, L, V)
     input_ids = torch.randint(0, V, (B, L))
     length = torch.tensor([6, 3])
-    ids, logits, lse = _labels(t, k, 2.0)
-    parts = distill_loss(s, input_ids, length, ids, logits, lse, alpha=0.3, temperature=2.0)
+    ids, log_p = _labels(t, k, 2.0)
+    parts = distill_loss(s, input_ids, length, ids, log_p, alpha=0.3, temperature=2.0)
     mask = target_mask(length, L)
     assert mask.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]
-    kd = sparse_kl(s, ids, logits, lse, 2.0)[mask].mean()
+    kd = sparse_kl(s, ids, log_p, 2.0)[mask].mean()
     ce = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, V), input_ids[:, 1:].reshape(-1),
                                            reduction="none").view(B, L - 1)[mask[:, :-1]].mean()
     torch.testing.assert_close(parts.kd, kd)
@@ -100,15 +101,15 @@ def test_distill_loss_masks_padding_and_mixes_terms():
     # Changing padded positions changes nothing.
     s2 = s.clone()
     s2[1, 3:] = 100.0
-    again = distill_loss(s2, input_ids, length, ids, logits, lse, alpha=0.3, temperature=2.0)
+    again = distill_loss(s2, input_ids, length, ids, log_p, alpha=0.3, temperature=2.0)
     torch.testing.assert_close(again.loss, parts.loss)
 
 
 def test_zero_length_batch_is_a_zero_loss_with_gradients():
     s = torch.randn(1, 4, 10, requires_grad=True)
-    ids, logits, lse = _labels(torch.randn(1, 4, 10), 3, 1.0)
+    ids, log_p = _labels(torch.randn(1, 4, 10), 3, 1.0)
     parts = distill_loss(s, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                         ids, logits, lse, alpha=0.5, temperature=1.0)
+                         ids, log_p, alpha=0.5, temperature=1.0)
     parts.loss.backward()
     assert float(parts.loss.detach()) == 0.0 and float(parts.tokens) == 0.0
     assert s.grad is not None and torch.all(s.grad == 0)

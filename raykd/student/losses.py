@@ -42,26 +42,33 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def tail_log_mass(log_p: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_i p_i) from top-k log-probabilities (..., k), floored at TAIL_FLOOR."""
+    return log1mexp(torch.logsumexp(log_p.float(), -1).clamp(max=_LOG_TAIL_CAP))
+
+
 def sparse_kl(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logits: torch.Tensor,
-    teacher_lse: torch.Tensor,
+    teacher_log_p: torch.Tensor,
     temperature: float,
     kind: str = "forward_kl",
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position KL between teacher and student, both coarsened to top-k + tail.
 
-    student_logits (B, L, V) any float dtype; topk_ids (B, L, k) int64;
-    topk_logits (B, L, k) raw teacher logits; teacher_lse (B, L) = logsumexp(z / T) over
-    the teacher's full vocabulary. Returns (B, L) float32.
+    student_logits (B, L, V) any float dtype; topk_ids (B, L, k) int64; teacher_log_p
+    (B, L, k) the teacher's tempered log-probabilities z_i / T - logsumexp(z / T), the
+    log-sum-exp taken over its full vocabulary (`soft_labels.decode` gives them);
+    teacher_log_tail (B, L) the log of its mass outside the top-k, when stored (else
+    derived from teacher_log_p). Returns (B, L) float32.
     """
     s = student_logits.float() / temperature
     s_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, L, 1)
     log_q = s.gather(-1, topk_ids) - s_lse  # (B, L, k)
-    log_p = topk_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)
-    log_p_tail = log1mexp(torch.logsumexp(log_p, -1).clamp(max=_LOG_TAIL_CAP))  # (B, L)
-    log_q_tail = log1mexp(torch.logsumexp(log_q, -1).clamp(max=_LOG_TAIL_CAP))
+    log_p = teacher_log_p.float()
+    log_p_tail = tail_log_mass(log_p) if teacher_log_tail is None else teacher_log_tail.float()
+    log_q_tail = tail_log_mass(log_q)  # (B, L)
     if kind == "forward_kl":
         body = (log_p.exp() * (log_p - log_q)).sum(-1)
         tail = log_p_tail.exp() * (log_p_tail - log_q_tail)
@@ -94,12 +101,12 @@ def distill_loss(
     input_ids: torch.Tensor,
     length: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logits: torch.Tensor,
-    teacher_lse: torch.Tensor,
+    teacher_log_p: torch.Tensor,
     *,
     alpha: float,
     temperature: float,
     kind: str = "forward_kl",
+    teacher_log_tail: torch.Tensor | None = None,
 ) -> LossParts:
     """alpha * T^2 * KL + (1 - alpha) * CE, averaged over positions with a next token.
 
@@ -111,7 +118,7 @@ def distill_loss(
     mask = target_mask(length, input_ids.shape[1]).float()
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0)
-    kd = (sparse_kl(student_logits, topk_ids, topk_logits, teacher_lse, temperature, kind)
+    kd = (sparse_kl(student_logits, topk_ids, teacher_log_p, temperature, kind, teacher_log_tail)
           * mask).sum() / denom if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
     ce = (next_token_ce(student_logits, input_ids) * mask).sum() / denom
     loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce

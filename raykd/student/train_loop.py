@@ -87,6 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_student(teacher_config, job.student, teacher_state)
     del teacher_state
     model_config = model.config
+    vocab_size = model_config.vocab_size
     opt = optimizer(model, train)
     total_steps = plan["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
@@ -132,15 +133,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.epoch = epoch
         consumed = progress.consumed.setdefault(epoch, [])
         batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
-        for batch in _synced(batches, lambda: _empty_batch(job), device):
+        for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = soft_labels.decode(batch, device)
+            labels = soft_labels.decode(batch, job.labels.temperature, device)
             logits = engine(input_ids=batch["input_ids"].long()).logits
             parts = distill_loss(
-                logits, batch["input_ids"], batch["length"], labels.topk_ids,
-                labels.topk_logits, labels.lse, alpha=job.loss.alpha,
-                temperature=job.labels.temperature, kind=job.loss.kind,
+                logits, batch["input_ids"], batch["length"], labels.topk_ids, labels.log_p,
+                alpha=job.loss.alpha, temperature=job.labels.temperature, kind=job.loss.kind,
+                teacher_log_tail=labels.log_tail,
             )
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(parts.loss)
@@ -195,14 +196,15 @@ def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.d
         {k: torch.from_numpy(v[i:i + mb]) for k, v in rows.items()} for i in range(0, n, mb)
     )
     with torch.no_grad():
-        for batch in _synced(chunks, lambda: _empty_batch(job), device):
+        for batch in _synced(chunks, lambda: _empty_batch(job, engine.module.config.vocab_size),
+                             device):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"].long()).logits
             mask = target_mask(batch["length"], batch["input_ids"].shape[1]).float()
-            labels = soft_labels.decode(batch, device)
+            labels = soft_labels.decode(batch, job.labels.temperature, device)
             ce = next_token_ce(logits, batch["input_ids"])
-            kd = sparse_kl(logits, labels.topk_ids, labels.topk_logits, labels.lse,
-                           job.labels.temperature, job.loss.kind)
+            kd = sparse_kl(logits, labels.topk_ids, labels.log_p, job.labels.temperature,
+                           job.loss.kind, labels.log_tail)
             sums += torch.stack([(ce * mask).sum(), (kd * mask).sum(), mask.sum()]).double().cpu()
     sums = _all_sum(sums, device)
     tokens = max(float(sums[2]), 1.0)
@@ -227,17 +229,16 @@ def _synced(batches: Any, empty: Any, device: torch.device) -> Iterator[dict[str
         yield batch if batch is not None else empty()
 
 
-def _empty_batch(job: Any) -> dict[str, torch.Tensor]:
+def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
     """One row of length 0: contributes nothing, but runs the model like a real batch."""
-    seq, k = job.data.seq_len, job.labels.top_k
+    seq, k = job.data.seq_len, min(job.labels.top_k, vocab_size)
+    labels = soft_labels.empty_label_columns(job.labels.encoding, 1, seq, k, vocab_size)
     return {
         "sample_id": torch.zeros(1, dtype=torch.int64),
         "input_ids": torch.zeros(1, seq, dtype=torch.int32),
         "length": torch.zeros(1, dtype=torch.int32),
-        "topk_ids": torch.zeros(1, seq, k, dtype=torch.int32),
-        "topk_logits": torch.zeros(1, seq, k, dtype=torch.float32),
-        "lse": torch.zeros(1, seq, dtype=torch.float32),
         "labeled_at": torch.zeros(1, dtype=torch.float64),
+        **{name: torch.from_numpy(v) for name, v in labels.items()},
     }
 
 

@@ -48,21 +48,21 @@ class TeacherReplica:
         # so no attention mask is needed (and the fast SDPA path is kept).
         with torch.no_grad():
             logits = self.model(input_ids=ids).logits.float()  # (B, L, V)
-            out = label_logits(logits, self.labels)
+            out = label_logits(logits, self.labels, self.vocab_size)
             if self.emit_nll:
                 out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
         out["labeled_at"] = np.full((ids.shape[0],), time.time(), dtype=np.float64)
         return {**batch, **out}
 
 
-def label_logits(logits: Any, labels: LabelConfig) -> dict[str, np.ndarray]:
-    """Full logits (B, L, V) -> encoded top-k ids, logits and tempered log-sum-exp."""
+def label_logits(logits: Any, labels: LabelConfig, vocab_size: int) -> dict[str, np.ndarray]:
+    """Full logits (B, L, V) -> encoded top-k soft labels (see raykd.data.soft_labels)."""
     import torch
 
     k = min(labels.top_k, logits.shape[-1])
     top_logits, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
     lse = torch.logsumexp(logits / labels.temperature, dim=-1)
-    return soft_labels.encode(top_ids, top_logits, lse, labels)
+    return soft_labels.encode(top_ids, top_logits, lse, labels, vocab_size)
 
 
 def next_token_nll(logits: Any, ids: Any) -> Any:
