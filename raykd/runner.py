@@ -1,7 +1,7 @@
-"""The one module that wires Ray: ray.init, the Ray Data pipeline, TorchTrainer.
+"""Runs a job on Ray: ray.init, the datasets of `raykd.pipeline`, TorchTrainer, outputs.
 
-    files --read_binary_files--> PackFiles (tasks) --> TeacherReplica pool (actors)
-          --streaming_split--> TorchTrainer workers (DeepSpeed ZeRO) --> export
+    pipeline.plan (driver) -> run directory -> TorchTrainer workers (DeepSpeed ZeRO)
+    reading pipeline.first_epoch / later_epochs through streaming_split -> export
 
 Run it on a laptop's CPU with `raykd run jobs/quickstart.yaml`.
 """
@@ -19,15 +19,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from raykd import pipeline
 from raykd import run_dir as rundir
 from raykd.config import JobConfig, to_dict
-from raykd.data.packing import PackFiles, empty_sequences, load_tokenizer
+from raykd.data.packing import load_tokenizer
 from raykd.errors import UserError
-from raykd.preflight import Preflight, preflight
-from raykd.storage import FileSet
+from raykd.preflight import preflight
 from raykd.student.losses import target_mask
 from raykd.teacher.loading import materialize
-from raykd.teacher.replica import TeacherReplica
 
 
 @dataclass
@@ -44,33 +43,61 @@ def run(job: JobConfig, log: Callable[[str], None] = print) -> Outcome:
     log(f"raykd: preparing teacher {job.teacher.model}")
     model_dir = materialize(job.teacher.model)
     on_cluster = _init_ray(job)
-    # Both passes read every file, so malformed data fails here, before anything is written.
+    # Packing reads every file, so malformed data fails here, before anything is written.
     log("raykd: packing data and labelling the held-out set")
-    eval_rows = _eval_rows(job, checks.files, on_cluster)
-    n_train = sequences(job, checks.files, "train").count()
-    if n_train == 0:
-        raise UserError(f"data.source: no training sequences in {len(checks.files.paths)} "
-                        "file(s) (empty files, or all held out by data.eval_fraction)")
+    data = pipeline.plan(job, checks.files, model_dir, on_cluster, log)
     path = rundir.create(job)
     log(f"raykd: run directory {path}")
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(path)}
     try:
-        summary = _distill(job, checks, model_dir, path, eval_rows, n_train, on_cluster, log)
+        summary = _distill(job, data, model_dir, path, on_cluster, log)
     finally:
         summary["wall_s"] = round(time.time() - started, 1)
         rundir.write_json_atomic(path / "summary.json", summary)
     return Outcome(run_dir=path, summary=summary)
 
 
-def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
-             eval_rows: dict[str, np.ndarray], n_train: int, on_cluster: bool,
-             log: Callable[[str], None]) -> dict[str, Any]:
+def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the teacher alone and fill the label cache (what `raykd label` does)."""
+    started = time.time()
+    if job.labels.cache is None:
+        raise UserError("labels.cache: is null; `raykd label` needs a cache to fill")
+    checks = preflight(job)
+    log(f"raykd: preparing teacher {job.teacher.model}")
+    model_dir = materialize(job.teacher.model)
+    on_cluster = _init_ray(job)
+    log("raykd: packing data and labelling the held-out set")
+    data = pipeline.plan(job, checks.files, model_dir, on_cluster, log)
+    assert data.cache is not None
+    todo = len(data.train_ids) - len(data.cached)
+    if todo:
+        log(f"raykd: labelling {todo} sequences with {job.teacher.replicas.min}-"
+            f"{job.teacher.replicas.max} teacher replica(s)")
+        for _ in pipeline.first_epoch(job, data, on_cluster).iter_batches(batch_size=None):
+            pass
+    index = data.cache.index()
+    covered = int(np.isin(data.train_ids, index.cached_ids()).sum())
+    if covered == len(data.train_ids):
+        data.cache.write_manifest(index, covered)
+    size = sum(data.cache.fs.get_file_info(p).size for p in index.paths)
+    tokens = sum(len(ids) for ids in index.ids) * job.data.seq_len
+    return {"status": "succeeded" if covered == len(data.train_ids) else "incomplete",
+            "cache": data.cache.uri, "train_sequences": int(len(data.train_ids)),
+            "labelled_now": todo, "cached_before": int(len(data.cached)),
+            "shards": len(index.paths), "bytes": int(size),
+            "bytes_per_token": round(size / max(tokens, 1), 1),
+            "wall_s": round(time.time() - started, 1)}
+
+
+def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path,
+             on_cluster: bool, log: Callable[[str], None]) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raykd.student.train_loop import train_loop_per_worker
 
+    eval_rows, n_train = data.eval_rows, len(data.train_ids)
     teacher_eval_loss = _mean_nll(eval_rows)
     total_steps = plan_steps(job, n_train)
     log(f"raykd: {len(eval_rows['sample_id'])} held-out sequences, teacher ppl "
@@ -79,7 +106,9 @@ def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
         f"on {job.train.num_workers} worker(s), teacher pool {job.teacher.replicas.min}-"
         f"{job.teacher.replicas.max}")
 
-    train_ds = sequences(job, checks.files, "train")
+    datasets = {"train": pipeline.first_epoch(job, data, on_cluster)}
+    if job.train.epochs > 1:
+        datasets["later"] = pipeline.later_epochs(job, data, on_cluster)
     storage = job.train.storage or str((path / "checkpoints").absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -91,10 +120,10 @@ def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
             num_workers=job.train.num_workers, use_gpu=job.train.use_gpu,
             resources_per_worker={"CPU": job.train.cpus_per_worker, **job.train.resources,
                                   **({"GPU": 1} if job.train.use_gpu else {})},
-            label_selector=_labels(job.train.node_labels, on_cluster),
+            label_selector=pipeline.placement_labels(job.train.node_labels, on_cluster),
         ),
-        datasets={"train": label(job, train_ds, on_cluster)},
-        dataset_config=ExactSplit(datasets_to_split=["train"]),
+        datasets=datasets,
+        dataset_config=ExactSplit(),
         run_config=ray.train.RunConfig(
             name=job.run.name,
             storage_path=storage,
@@ -122,7 +151,8 @@ def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
         "tokens": final.get("tokens", 0),
         "samples": final.get("samples", 0),
         "train_sequences": n_train,
-        "samples_unique": trained["unique"],
+        "samples_unique": trained["unique"][-1] if trained["unique"] else 0,
+        "samples_per_epoch": trained["unique"],
         "samples_repeated": trained["repeated"],
         "student_eval_loss": final.get("eval_loss"),
         "student_eval_ppl": final.get("eval_ppl"),
@@ -130,85 +160,18 @@ def _distill(job: JobConfig, checks: Preflight, model_dir: str, path: Path,
         "teacher_eval_loss": teacher_eval_loss,
         "teacher_eval_ppl": math.exp(teacher_eval_loss),
         "eval_sequences": int(len(eval_rows["sample_id"])),
+        "label_cache": data.cache.uri if data.cache else None,
+        "cached_at_start": int(len(data.cached)),
         "export_dir": str(export_dir),
         "checkpoint": result.checkpoint.path,
         "pipelined": bool(final.get("labeled_at_max", 0) > final.get("first_step_time", 0) > 0),
     }
 
 
-# --------------------------------------------------------------------------- Ray Data
-
-
-def sequences(job: JobConfig, files: FileSet, split: str) -> Any:
-    """Packed sequences of one split: sample_id, input_ids (seq_len,), length."""
-    import ray.data
-
-    ds = ray.data.read_binary_files(files.paths, include_paths=True, filesystem=files.fs,
-                                    override_num_blocks=len(files.paths))
-    pack = PackFiles(
-        teacher_model=job.teacher.model, names=dict(zip(files.paths, files.names)),
-        fmt=job.data.format, text_key=job.data.text_key, seq_len=job.data.seq_len,
-        eval_fraction=job.data.eval_fraction, split=split,
-    )
-    # One file per call: a sequence's id depends on its file alone (see data.packing).
-    return ds.map_batches(pack, batch_size=1, batch_format="numpy")
-
-
-def label(job: JobConfig, ds: Any, on_cluster: bool, emit_nll: bool = False,
-          pool: tuple[int, int] | None = None) -> Any:
-    """Add soft-label columns with an autoscaling pool of teacher replicas."""
-    import ray.data
-
-    lo, hi = pool or (job.teacher.replicas.min, job.teacher.replicas.max)
-    # A file packs into one block of many sequences, and a map task emits its output only
-    # once the input block is done. Re-blocking to one teacher batch per block (streaming,
-    # no shuffle) lets labels flow to the students batch by batch.
-    ds = ds.repartition(target_num_rows_per_block=job.teacher.batch_size)
-    return ds.map_batches(
-        TeacherReplica,
-        fn_constructor_kwargs={"teacher": job.teacher, "labels": job.labels,
-                               "emit_nll": emit_nll},
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        batch_size=job.teacher.batch_size,
-        batch_format="numpy",
-        num_cpus=job.teacher.num_cpus,
-        num_gpus=job.teacher.num_gpus,
-        resources=job.teacher.resources or None,
-        label_selector=_labels(job.teacher.node_labels, on_cluster),
-    )
-
-
-def _eval_rows(job: JobConfig, files: FileSet, on_cluster: bool) -> dict[str, np.ndarray]:
-    """The held-out set (lowest sample ids, up to eval_max_samples), labelled with the
-    teacher's soft labels and next-token NLL, as numpy columns."""
-    import ray.data
-
-    cols = _collect(sequences(job, files, "eval"), empty_sequences(job.data.seq_len))
-    order = np.argsort(cols["sample_id"], kind="stable")[: job.data.eval_max_samples]
-    cols = {k: v[order] for k, v in cols.items()}
-    if len(order) == 0:
-        raise UserError("data.eval_fraction: no held-out sequences; raise data.eval_fraction "
-                        "or add data")
-    ds = ray.data.from_items([{k: v[i] for k, v in cols.items()} for i in range(len(order))])
-    labelled = _collect(label(job, ds, on_cluster, emit_nll=True, pool=(1, 1)), None)
-    order = np.argsort(labelled["sample_id"], kind="stable")
-    return {k: v[order] for k, v in labelled.items()}
-
-
-def _collect(ds: Any, empty: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in batch.items():
-            parts.setdefault(k, []).append(v)
-    if not parts:
-        return dict(empty or {})
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
 def _mean_nll(rows: dict[str, np.ndarray]) -> float:
     import torch
 
-    mask = target_mask(torch.from_numpy(rows["length"]), rows["input_ids"].shape[1]).numpy()
+    mask = target_mask(torch.as_tensor(np.array(rows["length"])), rows["input_ids"].shape[1]).numpy()
     return float((rows["teacher_nll"] * mask).sum() / max(mask.sum(), 1))
 
 
@@ -221,11 +184,17 @@ def plan_steps(job: JobConfig, n_train: int) -> int:
     return min(steps, t.max_steps) if t.max_steps else steps
 
 
-def _ledger_counts(ledger: Path) -> dict[str, int]:
-    ids = [np.load(p, allow_pickle=False) for p in sorted(ledger.glob("*.npy"))]
-    flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    unique = len(np.unique(flat))
-    return {"unique": unique, "repeated": len(flat) - unique}
+def _ledger_counts(ledger: Path) -> dict[str, Any]:
+    """Per epoch: how many distinct samples the students trained on, and how many twice."""
+    epochs: dict[str, list[np.ndarray]] = {}
+    for p in sorted(ledger.glob("epoch*-rank*.npy")):
+        epochs.setdefault(p.name.split("-")[0], []).append(np.load(p, allow_pickle=False))
+    unique, repeated = [], 0
+    for parts in epochs.values():
+        flat = np.concatenate(parts)
+        unique.append(int(len(np.unique(flat))))
+        repeated += int(len(flat) - unique[-1])
+    return {"unique": unique, "repeated": repeated}
 
 
 try:
@@ -268,12 +237,6 @@ def ray_cpus(job: JobConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(need))
 
 
-def _labels(labels: dict[str, str], on_cluster: bool) -> dict[str, str] | None:
-    # One node cannot carry both the teacher's and the students' labels, so embedded Ray
-    # ignores placement labels: the same job file then runs on a laptop and on a cluster.
-    return dict(labels) if labels and on_cluster else None
-
-
 def ray_resources(job: JobConfig) -> dict[str, float]:
     """Custom resources embedded Ray declares so that cluster placement keys still fit."""
     need: dict[str, float] = {}
@@ -296,7 +259,10 @@ def _init_ray(job: JobConfig) -> bool:
             ray.init(address=address, log_to_driver=job.run.verbose)
         else:
             on_cluster = False
-            ray.init(num_cpus=ray_cpus(job), resources=ray_resources(job) or None,
+            # address="local": a new one-node Ray, never a `ray start` cluster that
+            # happens to run on this machine.
+            ray.init(address="local", num_cpus=ray_cpus(job),
+                     resources=ray_resources(job) or None,
                      include_dashboard=False, log_to_driver=job.run.verbose,
                      configure_logging=job.run.verbose)
     ctx = ray.data.DataContext.get_current()

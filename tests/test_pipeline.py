@@ -25,7 +25,7 @@ def ray_cluster():
     import ray
 
     # 4 logical CPUs on 2 cores: 2 train workers, 1 teacher replica, 1 for Ray Data tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -53,7 +53,7 @@ def test_distill_from_and_to_s3(s3_server, tmp_path):
     from raykd.runner import run
 
     teacher = make_llama(tmp_path / "teacher")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         job = job_from_dict({
             "run": {"name": "s3run", "output_dir": str(tmp_path / "runs")},

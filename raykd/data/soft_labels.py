@@ -58,6 +58,12 @@ class LabelConfig:
         "compact", "Soft-label encoding: exact (int32 ids, fp32 logits + lse), fp16 "
         "(16-bit ids and log-probs) or compact (delta-coded ids, 8-bit probabilities)."
     )
+    cache: str | None = doc(
+        "auto", "Soft-label cache directory (local or s3://): labels are written through "
+        "while they stream, and later epochs and later runs with the same lineage read "
+        "them instead of running the teacher. auto = <run.output_dir>/label-cache/<lineage "
+        "key>; null disables caching."
+    )
 
     def validate(self) -> None:
         if self.top_k < 1:

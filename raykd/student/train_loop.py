@@ -103,7 +103,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             progress = _restore(engine, d, rank)
 
     eval_rows = _rank_rows(ray.get(plan["eval_ref"]), rank, world)
-    shard = ray.train.get_dataset_shard("train")
+    # The first epoch of this (re)start streams from the teacher pool (and cache); later
+    # epochs read the label cache the first one filled (see raykd.pipeline).
+    first_epoch = progress.epoch
+    shards = {"train": ray.train.get_dataset_shard("train")}
+    if train.epochs > first_epoch + 1:
+        shards["later"] = ray.train.get_dataset_shard("later")
     labeled_at_max = 0.0
     first_step_time = None
 
@@ -132,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(progress.epoch, train.epochs):
         progress.epoch = epoch
         consumed = progress.consumed.setdefault(epoch, [])
+        shard = shards["train" if epoch == first_epoch else "later"]
         batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
