@@ -25,6 +25,7 @@ from raykd.data.label_cache import (LabelCache, Lineage, dataset_fingerprint,
                                     model_fingerprint, tokenizer_fingerprint)
 from raykd.data.packing import PackFiles, empty_sequences
 from raykd.errors import UserError
+from raykd.preflight import Preflight
 from raykd.storage import FileSet, local_path
 from raykd.teacher.replica import TeacherReplica, resolve_dtype
 
@@ -37,10 +38,12 @@ class DataPlan:
     cache: LabelCache | None
     cached: np.ndarray  # training sample ids the cache already held
     eval_from_cache: bool
+    vocab_limit: int | None  # logits compared over this many tokens (student.vocab)
 
 
-def plan(job: JobConfig, files: FileSet, model_dir: str, on_cluster: bool,
+def plan(job: JobConfig, checks: Preflight, model_dir: str, on_cluster: bool,
          log: Callable[[str], None]) -> DataPlan:
+    files = checks.files
     train_ids = np.sort(_column(sequences(job, files, "train").select_columns(["sample_id"]),
                                 "sample_id"))
     if len(train_ids) == 0:
@@ -48,18 +51,18 @@ def plan(job: JobConfig, files: FileSet, model_dir: str, on_cluster: bool,
                         "(empty files, or all held out by data.eval_fraction)")
     cache = None
     if job.labels.cache is not None:
-        lin = lineage(job, files, model_dir)
+        lin = lineage(job, files, model_dir, checks.vocab_limit)
         cache = LabelCache(cache_uri(job, lin), lin).open()
-    eval_rows, from_cache = _eval_rows(job, files, cache, on_cluster)
+    eval_rows, from_cache = _eval_rows(job, files, cache, on_cluster, checks.vocab_limit)
     cached = np.zeros(0, np.int64)
     if cache is not None:
         cached = train_ids[np.isin(train_ids, cache.index().cached_ids())]
         log(f"raykd: label cache {cache.uri}: {len(cached)} of {len(train_ids)} training "
             "sequences already labelled")
-    return DataPlan(files, train_ids, eval_rows, cache, cached, from_cache)
+    return DataPlan(files, train_ids, eval_rows, cache, cached, from_cache, checks.vocab_limit)
 
 
-def lineage(job: JobConfig, files: FileSet, model_dir: str) -> Lineage:
+def lineage(job: JobConfig, files: FileSet, model_dir: str, vocab_limit: int | None) -> Lineage:
     source = job.teacher.model
     teacher_path = model_dir if not source.lower().endswith(".gguf") else local_path(source)
     return Lineage(
@@ -71,7 +74,7 @@ def lineage(job: JobConfig, files: FileSet, model_dir: str) -> Lineage:
         temperature=job.labels.temperature,
         encoding=job.labels.encoding,
         dtype=resolve_dtype(job.teacher),
-        vocab_limit=None,
+        vocab_limit=vocab_limit,
     )
 
 
@@ -100,8 +103,8 @@ def sequences(job: JobConfig, files: FileSet, split: str) -> Any:
     return ds.map_batches(pack, batch_size=1, batch_format="numpy")
 
 
-def label(job: JobConfig, ds: Any, on_cluster: bool, emit_nll: bool = False,
-          pool: tuple[int, int] | None = None) -> Any:
+def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
+          emit_nll: bool = False, pool: tuple[int, int] | None = None) -> Any:
     """Add soft-label columns with an autoscaling pool of teacher replicas."""
     import ray.data
 
@@ -113,7 +116,7 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, emit_nll: bool = False,
     return ds.map_batches(
         TeacherReplica,
         fn_constructor_kwargs={"teacher": job.teacher, "labels": job.labels,
-                               "emit_nll": emit_nll},
+                               "emit_nll": emit_nll, "vocab_limit": vocab_limit},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         batch_size=job.teacher.batch_size,
         batch_format="numpy",
@@ -131,7 +134,7 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     import ray.data
 
     if p.cache is None:
-        return label(job, sequences(job, p.files, "train"), on_cluster)
+        return label(job, sequences(job, p.files, "train"), on_cluster, p.vocab_limit)
     cached = p.cached
     missing = np.setdiff1d(p.train_ids, cached, assume_unique=True)
     parts = []
@@ -141,7 +144,7 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
         todo = sequences(job, p.files, "train")
         if len(cached):
             todo = todo.map_batches(KeepIds(ray.put(missing)), batch_format="numpy")
-        parts.append(write_through(job, p.cache, label(job, todo, on_cluster)))
+        parts.append(write_through(job, p.cache, label(job, todo, on_cluster, p.vocab_limit)))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -151,7 +154,7 @@ def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     import ray.data
 
     if p.cache is None:
-        return label(job, sequences(job, p.files, "train"), on_cluster)
+        return label(job, sequences(job, p.files, "train"), on_cluster, p.vocab_limit)
     return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, p.train_ids))
 
 
@@ -164,8 +167,8 @@ def write_through(job: JobConfig, cache: LabelCache, labelled: Any) -> Any:
 # --------------------------------------------------------------------------- held-out set
 
 
-def _eval_rows(job: JobConfig, files: FileSet, cache: LabelCache | None, on_cluster: bool
-               ) -> tuple[dict[str, np.ndarray], bool]:
+def _eval_rows(job: JobConfig, files: FileSet, cache: LabelCache | None, on_cluster: bool,
+               vocab_limit: int | None) -> tuple[dict[str, np.ndarray], bool]:
     """The held-out set (lowest sample ids, up to eval_max_samples) with the teacher's soft
     labels and next-token NLL, as numpy columns sorted by sample id."""
     import ray.data
@@ -181,7 +184,7 @@ def _eval_rows(job: JobConfig, files: FileSet, cache: LabelCache | None, on_clus
         if hit is not None:
             return hit, True
     ds = ray.data.from_items([{k: v[i] for k, v in cols.items()} for i in range(len(order))])
-    labelled = collect(label(job, ds, on_cluster, emit_nll=True, pool=(1, 1)), None)
+    labelled = collect(label(job, ds, on_cluster, vocab_limit, emit_nll=True, pool=(1, 1)), None)
     order = np.argsort(labelled["sample_id"], kind="stable")
     rows = {k: v[order] for k, v in labelled.items()}
     if cache is not None:

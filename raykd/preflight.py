@@ -17,6 +17,7 @@ from raykd.teacher.loading import ModelInfo, describe
 class Preflight:
     files: storage.FileSet
     teacher: ModelInfo
+    vocab_limit: int | None  # compare logits over this many tokens (student.vocab: truncate)
 
 
 def preflight(job: JobConfig) -> Preflight:
@@ -24,14 +25,54 @@ def preflight(job: JobConfig) -> Preflight:
     if job.data.max_files is not None:
         files.paths, files.names = files.paths[: job.data.max_files], files.names[: job.data.max_files]
     info = describe(job.teacher.model)
-    check_against_teacher(job, info)
-    return Preflight(files=files, teacher=info)
+    limit = None
+    if job.student.model is not None:
+        limit = check_vocab(job, info)
+    check_against_teacher(job, info, limit)
+    return Preflight(files=files, teacher=info, vocab_limit=limit)
 
 
-def check_against_teacher(job: JobConfig, info: ModelInfo) -> None:
-    if job.labels.top_k > info.vocab_size:
+def check_vocab(job: JobConfig, teacher: ModelInfo) -> int | None:
+    """A pretrained student must speak the teacher's tokenizer. Identical tokenizers with
+    equal logit counts pass; padded logit counts (same tokenizer) need student.vocab:
+    truncate and return the count both sides are cut to; anything else is refused."""
+    from raykd.data.packing import load_tokenizer
+    from raykd.teacher.loading import materialize
+
+    assert job.student.model is not None
+    student = describe(job.student.model, "student.model")
+    tok_t = load_tokenizer(materialize(job.teacher.model))
+    tok_s = load_tokenizer(materialize(job.student.model, "student.model"))
+    vocab_t, vocab_s = tok_t.get_vocab(), tok_s.get_vocab()
+    if vocab_t != vocab_s:
+        differ = sorted(t for t in set(vocab_t) | set(vocab_s) if vocab_t.get(t) != vocab_s.get(t))
+        example = differ[0]
+        raise ConfigError("student.model", f"its tokenizer differs from the teacher's: "
+                          f"{len(differ)} tokens differ, e.g. {example!r} is "
+                          f"{vocab_s.get(example)} in the student and {vocab_t.get(example)} "
+                          "in the teacher; distillation over top-k ids needs one tokenizer")
+    if student.vocab_size == teacher.vocab_size:
+        return None
+    tokens = len(tok_t)
+    if job.student.vocab != "truncate":
+        raise ConfigError("student.vocab", f"the teacher has {teacher.vocab_size} logits and the "
+                          f"student {student.vocab_size} over the same tokenizer ({tokens} "
+                          f"tokens); set student.vocab=truncate to compare the first {tokens}")
+    if tokens > min(student.vocab_size, teacher.vocab_size):
+        raise ConfigError("student.vocab", f"the tokenizer has {tokens} tokens, more than the "
+                          f"{min(student.vocab_size, teacher.vocab_size)} logits of the smaller "
+                          "model; truncation would drop real tokens")
+    return tokens
+
+
+def check_against_teacher(job: JobConfig, info: ModelInfo, vocab_limit: int | None = None
+                          ) -> None:
+    vocab = vocab_limit or info.vocab_size
+    if job.labels.top_k > vocab:
         raise ConfigError("labels.top_k", f"{job.labels.top_k} is larger than the teacher's "
-                          f"vocabulary ({info.vocab_size} tokens)")
+                          f"vocabulary ({vocab} tokens)")
+    if job.student.model is not None:
+        return
     s = job.student
     if s.init_from_teacher:
         layers = s.init_layers or evenly_spaced(info.num_layers, s.num_layers)

@@ -45,7 +45,7 @@ def run(job: JobConfig, log: Callable[[str], None] = print) -> Outcome:
     on_cluster = _init_ray(job)
     # Packing reads every file, so malformed data fails here, before anything is written.
     log("raykd: packing data and labelling the held-out set")
-    data = pipeline.plan(job, checks.files, model_dir, on_cluster, log)
+    data = pipeline.plan(job, checks, model_dir, on_cluster, log)
     path = rundir.create(job)
     log(f"raykd: run directory {path}")
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(path)}
@@ -67,7 +67,7 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
     model_dir = materialize(job.teacher.model)
     on_cluster = _init_ray(job)
     log("raykd: packing data and labelling the held-out set")
-    data = pipeline.plan(job, checks.files, model_dir, on_cluster, log)
+    data = pipeline.plan(job, checks, model_dir, on_cluster, log)
     assert data.cache is not None
     todo = len(data.train_ids) - len(data.cached)
     if todo:
@@ -114,6 +114,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job),
                            "plan": {"total_steps": total_steps,
+                                    "vocab_limit": data.vocab_limit,
                                     "eval_ref": ray.put(eval_rows)}},
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -14,9 +14,18 @@ class StudentConfig:
     """A smaller model of the teacher's family, sharing its tokenizer."""
 
     kind: Literal["hf_causal_lm"] = doc(
-        "hf_causal_lm", "Student family: the teacher's architecture, shrunk."
+        "hf_causal_lm", "Student family: a Hugging Face causal LM."
     )
-    num_layers: int = doc(4, "Transformer layers.")
+    model: str | None = doc(
+        None, "Start from this pretrained model (directory, hub id, .gguf or pkg://) instead "
+        "of building one from the teacher's config; it must use the teacher's tokenizer."
+    )
+    vocab: Literal["strict", "truncate"] = doc(
+        "strict", "When teacher and student share a tokenizer but pad their vocabularies to "
+        "different sizes (e.g. 152,064 vs 151,936 logits): strict refuses; truncate compares "
+        "both over the tokenizer's tokens only."
+    )
+    num_layers: int = doc(4, "Transformer layers (when built from the teacher's config).")
     hidden_size: int | None = doc(None, "Hidden size; null keeps the teacher's.")
     intermediate_size: int | None = doc(None, "MLP width; null keeps the teacher's.")
     num_attention_heads: int | None = doc(None, "Attention heads; null keeps the teacher's.")
@@ -31,6 +40,11 @@ class StudentConfig:
     )
 
     def validate(self) -> None:
+        if self.model is not None and (self.init_from_teacher or self.hidden_size or
+                                       self.intermediate_size or self.num_attention_heads or
+                                       self.num_key_value_heads):
+            raise ConfigError("model", "a pretrained student brings its own shape and weights; "
+                              "unset init_from_teacher and the size keys")
         if self.num_layers < 1:
             raise ConfigError("num_layers", f"must be >= 1, got {self.num_layers}")
         for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):

@@ -79,15 +79,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from transformers import AutoConfig
 
-    teacher_dir = materialize(job.teacher.model)
-    teacher_config = AutoConfig.from_pretrained(teacher_dir)
-    teacher_state = None
-    if job.student.init_from_teacher:
-        teacher_state = load_model(teacher_dir, "float32", "cpu").state_dict()
-    model = build_student(teacher_config, job.student, teacher_state)
-    del teacher_state
+    if job.student.model is not None:
+        model = load_model(materialize(job.student.model, "student.model"), "float32", "cpu")
+        model.train()
+    else:
+        teacher_dir = materialize(job.teacher.model)
+        teacher_state = None
+        if job.student.init_from_teacher:
+            teacher_state = load_model(teacher_dir, "float32", "cpu").state_dict()
+        model = build_student(AutoConfig.from_pretrained(teacher_dir), job.student, teacher_state)
+        del teacher_state
     model_config = model.config
-    vocab_size = model_config.vocab_size
+    vocab_limit = plan.get("vocab_limit")
+    vocab_size = vocab_limit or model_config.vocab_size
     opt = optimizer(model, train)
     total_steps = plan["total_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, total_steps))
@@ -129,8 +133,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     export(model_config, state, os.path.join(tmp, "hf"))
             ray.train.report(base, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(engine, eval_rows, job, device, vocab_size)
+
     if progress.step == 0 and checkpoint is None:
-        report(evaluate(engine, eval_rows, job, device))
+        report(evaluate_now())
 
     window = Window()
     done = max_steps_reached = False
@@ -143,7 +150,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.train()
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = soft_labels.decode(batch, job.labels.temperature, device)
-            logits = engine(input_ids=batch["input_ids"].long()).logits
+            logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
             parts = distill_loss(
                 logits, batch["input_ids"], batch["length"], labels.topk_ids, labels.log_p,
                 alpha=job.loss.alpha, temperature=job.labels.temperature, kind=job.loss.kind,
@@ -174,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics = _window_metrics(window, engine, device, progress)
                 window = Window()
                 if train.eval_every and progress.step % train.eval_every == 0:
-                    metrics.update(evaluate(engine, eval_rows, job, device))
+                    metrics.update(evaluate_now())
                 save = bool(train.checkpoint_every) and progress.step % train.checkpoint_every == 0
                 report(metrics, save=save and not max_steps_reached)
             if max_steps_reached:
@@ -183,7 +190,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
     metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
-    metrics.update(evaluate(engine, eval_rows, job, device))
+    metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
     report(metrics, save=True, final=True)
 
@@ -191,8 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.device
-             ) -> dict[str, float]:
+def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.device,
+             vocab_size: int) -> dict[str, float]:
     """Held-out next-token loss (T = 1) and KD loss of the student, summed over ranks."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # ce*tokens, kd*tokens, tokens
@@ -202,10 +209,9 @@ def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.d
         {k: torch.from_numpy(v[i:i + mb]) for k, v in rows.items()} for i in range(0, n, mb)
     )
     with torch.no_grad():
-        for batch in _synced(chunks, lambda: _empty_batch(job, engine.module.config.vocab_size),
-                             device):
+        for batch in _synced(chunks, lambda: _empty_batch(job, vocab_size), device):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"].long()).logits
+            logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
             mask = target_mask(batch["length"], batch["input_ids"].shape[1]).float()
             labels = soft_labels.decode(batch, job.labels.temperature, device)
             ce = next_token_ce(logits, batch["input_ids"])

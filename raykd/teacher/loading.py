@@ -1,4 +1,5 @@
-"""Find, describe and load the teacher: a Hugging Face directory, a hub id, or a GGUF file.
+"""Find, describe and load a model (the teacher, or a pretrained student): a Hugging Face
+directory, a hub id, or a GGUF file.
 
 GGUF files are dequantised once per machine into a plain Hugging Face directory under
 `$RAYKD_CACHE` (default ~/.cache/raykd): transformers needs ~15-30 s to dequantise a GGUF
@@ -44,24 +45,24 @@ def _is_gguf(path: str) -> bool:
     return path.lower().endswith(".gguf")
 
 
-def _resolve(model: str) -> tuple[str, str]:
+def _resolve(model: str, key: str = KEY) -> tuple[str, str]:
     """-> (kind, location) with kind in {"dir", "gguf", "hub"}."""
     if model.startswith(("pkg://", "file://", "/", ".", "~")) or os.path.exists(model):
-        path = local_path(model, KEY)
+        path = local_path(model, key)
         if not os.path.exists(path):
-            raise UserError(f"{KEY}: {model} does not exist")
+            raise UserError(f"{key}: {model} does not exist")
         if os.path.isfile(path):
             if _is_gguf(path):
                 return "gguf", path
-            raise UserError(f"{KEY}: {model} is a file but not a .gguf model; give a "
+            raise UserError(f"{key}: {model} is a file but not a .gguf model; give a "
                             "Hugging Face model directory or a .gguf file")
         if not os.path.exists(os.path.join(path, "config.json")):
-            raise UserError(f"{KEY}: {model} is not a Hugging Face model directory "
+            raise UserError(f"{key}: {model} is not a Hugging Face model directory "
                             "(no config.json)")
         return "dir", path
     if model.count("/") == 1 and all(model.split("/")):
         return "hub", model
-    raise UserError(f"{KEY}: {model} is neither a local path nor a hub id (org/name)")
+    raise UserError(f"{key}: {model} is neither a local path nor a hub id (org/name)")
 
 
 def _gguf_cache_dir(path: str) -> Path:
@@ -71,30 +72,30 @@ def _gguf_cache_dir(path: str) -> Path:
     return cache_root() / "models" / f"{Path(path).stem}-{digest}"
 
 
-def describe(model: str) -> ModelInfo:
-    """Shape of the teacher, read from config.json or GGUF metadata (no weights loaded)."""
-    kind, where = _resolve(model)
+def describe(model: str, key: str = KEY) -> ModelInfo:
+    """Shape of a model, read from config.json or GGUF metadata (no weights loaded)."""
+    kind, where = _resolve(model, key)
     if kind == "gguf":
         cached = _gguf_cache_dir(where)
         if (cached / "config.json").exists():
-            return _info_from_config(json.loads((cached / "config.json").read_text()))
-        return _info_from_gguf(where)
+            return _info_from_config(json.loads((cached / "config.json").read_text()), key)
+        return _info_from_gguf(where, key)
     if kind == "dir":
-        return _info_from_config(json.loads(Path(where, "config.json").read_text()))
-    return _info_from_config(_hub_config(where))
+        return _info_from_config(json.loads(Path(where, "config.json").read_text()), key)
+    return _info_from_config(_hub_config(where, key), key)
 
 
-def materialize(model: str) -> str:
-    """A local Hugging Face directory holding the teacher (converting/downloading once)."""
-    kind, where = _resolve(model)
+def materialize(model: str, key: str = KEY) -> str:
+    """A local Hugging Face directory holding the model (converting/downloading once)."""
+    kind, where = _resolve(model, key)
     if kind == "dir":
         return where
     if kind == "hub":
-        return _download(where)
+        return _download(where, key)
     target = _gguf_cache_dir(where)
     if (target / "config.json").exists():
         return str(target)
-    _convert_gguf(where, target)
+    _convert_gguf(where, target, key)
     return str(target)
 
 
@@ -108,7 +109,7 @@ def load_model(directory: str, dtype: str, device: str) -> Any:
     return model.to(device).eval()
 
 
-def _convert_gguf(path: str, target: Path) -> None:
+def _convert_gguf(path: str, target: Path, key: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -118,7 +119,7 @@ def _convert_gguf(path: str, target: Path) -> None:
         quantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
                                                          dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad files
-        raise UserError(f"{KEY}: cannot load GGUF {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{key}: cannot load GGUF {path}: {str(e).splitlines()[0]}") from None
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
     config.pop("_name_or_path", None)
@@ -139,32 +140,32 @@ def _convert_gguf(path: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _download(repo_id: str) -> str:
+def _download(repo_id: str, key: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, auth: all user-facing
-        raise UserError(f"{KEY}: cannot fetch {repo_id} from the Hugging Face hub "
+        raise UserError(f"{key}: cannot fetch {repo_id} from the Hugging Face hub "
                         f"({type(e).__name__}); give a local directory instead") from None
 
 
-def _hub_config(repo_id: str) -> dict[str, Any]:
+def _hub_config(repo_id: str, key: str) -> dict[str, Any]:
     try:
         from huggingface_hub import hf_hub_download
 
         return json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{KEY}: cannot fetch {repo_id} from the Hugging Face hub "
+        raise UserError(f"{key}: cannot fetch {repo_id} from the Hugging Face hub "
                         f"({type(e).__name__}); give a local directory instead") from None
 
 
-def _info_from_config(cfg: dict[str, Any]) -> ModelInfo:
+def _info_from_config(cfg: dict[str, Any], key: str = KEY) -> ModelInfo:
     def pick(*names: str) -> Any:
         for n in names:
             if cfg.get(n) is not None:
                 return cfg[n]
-        raise UserError(f"{KEY}: config.json lacks {names[0]}")
+        raise UserError(f"{key}: config.json lacks {names[0]}")
 
     heads = pick("num_attention_heads", "n_head")
     return ModelInfo(
@@ -178,13 +179,13 @@ def _info_from_config(cfg: dict[str, Any]) -> ModelInfo:
     )
 
 
-def _info_from_gguf(path: str) -> ModelInfo:
+def _info_from_gguf(path: str, key: str = KEY) -> ModelInfo:
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{KEY}: {path} is not a readable GGUF file ({e})") from None
+        raise UserError(f"{key}: {path} is not a readable GGUF file ({e})") from None
 
     def get(name: str, default: Any = None) -> Any:
         field = reader.fields.get(name)
@@ -192,7 +193,7 @@ def _info_from_gguf(path: str) -> ModelInfo:
 
     arch = get("general.architecture")
     if arch is None:
-        raise UserError(f"{KEY}: {path} has no general.architecture in its GGUF metadata")
+        raise UserError(f"{key}: {path} has no general.architecture in its GGUF metadata")
     vocab = get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")

@@ -26,7 +26,8 @@ def resolve_dtype(teacher: TeacherConfig) -> str:
 class TeacherReplica:
     """Ray Data UDF: packed sequences -> packed sequences + soft labels."""
 
-    def __init__(self, teacher: TeacherConfig, labels: LabelConfig, emit_nll: bool = False):
+    def __init__(self, teacher: TeacherConfig, labels: LabelConfig, emit_nll: bool = False,
+                 vocab_limit: int | None = None):
         import torch
 
         from raykd.teacher.loading import load_model, materialize
@@ -36,7 +37,8 @@ class TeacherReplica:
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = "cuda" if teacher.on_gpu else "cpu"
         self.model = load_model(materialize(teacher.model), resolve_dtype(teacher), self.device)
-        self.vocab_size = self.model.config.vocab_size
+        # student.vocab: truncate cuts padded logits to the tokenizer's tokens on both sides.
+        self.vocab_size = vocab_limit or self.model.config.vocab_size
         self.labels = labels
         self.emit_nll = emit_nll
 
@@ -47,7 +49,7 @@ class TeacherReplica:
         # Right padding under a causal mask cannot change the logits of real positions,
         # so no attention mask is needed (and the fast SDPA path is kept).
         with torch.no_grad():
-            logits = self.model(input_ids=ids).logits.float()  # (B, L, V)
+            logits = self.model(input_ids=ids).logits[..., : self.vocab_size].float()  # (B, L, V)
             out = label_logits(logits, self.labels, self.vocab_size)
             if self.emit_nll:
                 out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
