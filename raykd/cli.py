@@ -1,7 +1,9 @@
-"""`raykd` command line: run and validate distillation jobs.
+"""`raykd` command line: run and validate distillation jobs, locally or on a cluster.
 
     raykd validate jobs/quickstart.yaml train.lr=1e-3
     raykd run jobs/quickstart.yaml run.name=try2
+    raykd submit jobs/quickstart.yaml --address http://HEAD:8265   # then status/logs/stop/list
+    raykd render-k8s jobs/smollm2-gpu.yaml --image REGISTRY/raykd:0.1.0 > rayjob.yaml
 
 New features become job-file keys, not flags: every `key.sub=value` after the job file
 overrides the file.
@@ -23,11 +25,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      "student on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help in (("run", "run a job (embedded Ray unless run.ray_address is set)"),
-                       ("validate", "check a job file without starting Ray")):
+                       ("validate", "check a job file without starting Ray"),
+                       ("submit", "submit a job to a cluster's Ray Jobs API; prints its id"),
+                       ("render-k8s", "print a KubeRay RayJob sized for the job")):
         p = sub.add_parser(name, help=help)
         p.add_argument("job", help="job file (YAML)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
+        if name == "submit":
+            _address(p)
+        if name == "render-k8s":
+            p.add_argument("--image", help="container image with raykd and the project "
+                           "(default: $RAYKD_IMAGE, else a placeholder to edit)")
+    for name, help in (("status", "show a submitted job's state"),
+                       ("logs", "print a submitted job's logs"),
+                       ("stop", "stop a submitted job and wait until it has stopped")):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("id", help="submission id (raykd-<run.name>)")
+        _address(p)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true",
+                           help="stream until the job ends; exit 0 only if it SUCCEEDED")
+    _address(sub.add_parser("list", help="list the jobs on a cluster"))
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`submit JOB --address URL a.b=c`); argparse would
+    # reject the ones after an option.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-")
+                                                    for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -41,9 +67,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UserError.exit_code
 
 
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: "
+                   "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from raykd.config import load_job
 
+    if args.command not in ("run", "validate"):
+        from raykd.cluster.commands import HANDLERS
+
+        return HANDLERS[args.command](args)
     job = load_job(args.job, args.overrides)
     if args.command == "validate":
         from raykd.preflight import preflight
