@@ -29,7 +29,21 @@ def preflight(job: JobConfig) -> Preflight:
     if job.student.model is not None:
         limit = check_vocab(job, info)
     check_against_teacher(job, info, limit)
+    if job.teacher.tp_size > 1:
+        check_tensor_parallel(job, info)
     return Preflight(files=files, teacher=info, vocab_limit=limit)
+
+
+def check_tensor_parallel(job: JobConfig, info: ModelInfo) -> None:
+    from raykd.teacher.loading import materialize
+    from raykd.teacher.tensor_parallel import autotp_supported
+
+    if not autotp_supported(materialize(job.teacher.model)):
+        raise ConfigError("teacher.tp_size", f"DeepSpeed AutoTP cannot split {info.model_type} "
+                          f"models; use tp_size: 1 (or more replicas) for this teacher")
+    if info.num_key_value_heads < job.teacher.tp_size:
+        raise ConfigError("teacher.tp_size", f"{job.teacher.tp_size} ranks but the teacher has "
+                          f"only {info.num_key_value_heads} key/value heads to split")
 
 
 def check_vocab(job: JobConfig, teacher: ModelInfo) -> int | None:

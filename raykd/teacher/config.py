@@ -36,6 +36,10 @@ class TeacherConfig:
         "auto", "Inference dtype; auto is bfloat16 on GPU and float32 on CPU."
     )
     batch_size: int = doc(8, "Sequences per teacher forward pass.")
+    tp_size: int = doc(
+        1, "Tensor-parallel ranks per replica (DeepSpeed inference AutoTP): one Ray actor "
+        "owns tp_size devices and runs the teacher split across tp_size local processes."
+    )
     replicas: ReplicasConfig = doc(ReplicasConfig(), "Size of the teacher pool.")
     num_cpus: float = doc(1.0, "CPUs reserved by each replica (its torch thread count on CPU).")
     num_gpus: float = doc(0.0, "GPUs reserved by each replica; > 0 runs the teacher on CUDA.")
@@ -51,6 +55,11 @@ class TeacherConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.tp_size < 1:
+            raise ConfigError("tp_size", f"must be >= 1, got {self.tp_size}")
+        if self.tp_size > 1 and self.num_gpus and self.num_gpus != self.tp_size:
+            raise ConfigError("num_gpus", f"a tensor-parallel replica owns one GPU per rank: "
+                              f"set num_gpus to tp_size ({self.tp_size}), got {self.num_gpus}")
         if self.num_cpus < 0:
             raise ConfigError("num_cpus", f"must be >= 0, got {self.num_cpus}")
         if self.num_gpus < 0:

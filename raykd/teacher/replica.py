@@ -36,9 +36,22 @@ class TeacherReplica:
             # Ray sets OMP_NUM_THREADS from num_cpus; torch may have read a default earlier.
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.device = "cuda" if teacher.on_gpu else "cpu"
-        self.model = load_model(materialize(teacher.model), resolve_dtype(teacher), self.device)
+        model_dir = materialize(teacher.model)
+        if teacher.tp_size > 1:
+            from raykd.teacher.tensor_parallel import TPTeacher
+
+            threads = max(1, int(teacher.num_cpus) // teacher.tp_size)
+            torch.set_num_threads(threads)
+            self.forward = TPTeacher(model_dir, resolve_dtype(teacher), teacher.tp_size,
+                                     teacher.on_gpu, threads)
+            self.device = str(self.forward.device)
+            vocab = self.forward.model.config.vocab_size
+        else:
+            model = load_model(model_dir, resolve_dtype(teacher), self.device)
+            self.forward = lambda ids: model(input_ids=ids).logits
+            vocab = model.config.vocab_size
         # student.vocab: truncate cuts padded logits to the tokenizer's tokens on both sides.
-        self.vocab_size = vocab_limit or self.model.config.vocab_size
+        self.vocab_size = vocab_limit or vocab
         self.labels = labels
         self.emit_nll = emit_nll
 
@@ -49,7 +62,7 @@ class TeacherReplica:
         # Right padding under a causal mask cannot change the logits of real positions,
         # so no attention mask is needed (and the fast SDPA path is kept).
         with torch.no_grad():
-            logits = self.model(input_ids=ids).logits[..., : self.vocab_size].float()  # (B, L, V)
+            logits = self.forward(ids)[..., : self.vocab_size].float()  # (B, L, V)
             out = label_logits(logits, self.labels, self.vocab_size)
             if self.emit_nll:
                 out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
