@@ -352,15 +352,26 @@ def test_what_a_submission_ships(tmp_path):
     project = tmp_path / "proj"
     for rel in ("raykd/__init__.py", "jobs/a.yaml", "data/x.txt", ".venv/bin/python",
                 ".git/HEAD", "runs/old/summary.json", "out/r/summary.json",
-                "raykd/__pycache__/m.pyc", "pkg.egg-info/PKG-INFO", ".raykd/job.yaml"):
+                "raykd/__pycache__/m.pyc", "pkg.egg-info/PKG-INFO", ".raykd/job.yaml",
+                "big/weights.bin", "data/cache/blob.bin", "data/keep.bin"):
         (project / rel).parent.mkdir(parents=True, exist_ok=True)
         (project / rel).write_text("x")
+    (project / ".gitignore").write_text("big/\n")
+    (project / "data" / ".rayignore").write_text("cache\n")
     job = job_from_dict({"data": {"source": "data/x.txt"}, "teacher": {"model": "m"},
                          "run": {"output_dir": "out"}, "train": {"lr": 0.01}})
     with ship.staged(job, "jobs/a.yaml", project) as root:
         shipped = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         resolved = (root / ship.SHIPPED_JOB).read_text()
-    assert shipped == [".raykd/job.yaml", "data/x.txt", "jobs/a.yaml", "raykd/__init__.py"]
+    assert shipped == [".gitignore", ".raykd/job.yaml", "data/.rayignore", "data/keep.bin",
+                       "data/x.txt", "jobs/a.yaml", "raykd/__init__.py"]
     assert "# raykd run .raykd/job.yaml" in resolved and "lr: 0.01" in resolved
     assert job_from_dict(yaml.safe_load(resolved)) == job
     assert not root.exists()  # the staging copy is gone once submitted
+
+    # Submitting from a directory far bigger than a job package fails before any upload.
+    with open(project / "data" / "huge.bin", "wb") as f:
+        f.truncate(ship.MAX_BYTES + 1)  # sparse: no real disk use
+    with pytest.raises(UserError, match=r"more than 500 MiB to ship with the job \(at data"):
+        with ship.staged(job, "jobs/a.yaml", project):
+            pass
