@@ -269,8 +269,9 @@ class CacheIndex:
 
 def table_bytes(batch: dict[str, np.ndarray], lineage: Lineage) -> bytes:
     """Columns -> parquet bytes: n-d columns as (nested-free) fixed-size lists, their
-    row shapes and the lineage in the file metadata. zstd level 9: the compact encoding
-    is designed around it (see soft_labels)."""
+    row shapes and the lineage in the file metadata. zstd level 15: ~2 % smaller than the
+    default level on soft labels, and still fast next to a teacher batch (shards are
+    ~100 KB-10 MB)."""
     import io
 
     arrays, shapes = {}, {}
@@ -285,7 +286,7 @@ def table_bytes(batch: dict[str, np.ndarray], lineage: Lineage) -> bytes:
     table = pa.table(arrays).replace_schema_metadata({
         LINEAGE_KEY: lineage.to_json().encode(), SHAPES_KEY: json.dumps(shapes).encode()})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=9)
+    pq.write_table(table, buf, compression="zstd", compression_level=15)
     return buf.getvalue()
 
 

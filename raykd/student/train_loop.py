@@ -141,8 +141,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     window = Window()
     done = max_steps_reached = False
+    epoch_seconds: dict[int, float] = {}
     for epoch in range(progress.epoch, train.epochs):
         progress.epoch = epoch
+        epoch_started = time.time()
         consumed = progress.consumed.setdefault(epoch, [])
         shard = shards["train" if epoch == first_epoch else "later"]
         batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
@@ -187,11 +189,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if max_steps_reached:
                 done = True
                 break
+        epoch_seconds[epoch] = time.time() - epoch_started
         if done:
             break
     metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
+    metrics.update({f"epoch{e}_s": round(s, 3) for e, s in epoch_seconds.items()})
     report(metrics, save=True, final=True)
 
 
