@@ -10,7 +10,6 @@ worker bundle on the head, which the assertions rule out.
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest
 

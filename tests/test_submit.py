@@ -248,7 +248,8 @@ def test_bad_job_file_is_refused_before_submission(head, client_home, tiny_job):
     assert "teacher.replica: unknown key (did you mean 'replicas'?)" in one_line_error(unknown)
     assert "raykd-bad" not in listed(head, env)
     missing = raykd("status", "raykd-nope", "--address", head.url, env=env)
-    assert one_line_error(missing).startswith(f"raykd: error: raykd-nope: no such job on {head.url}")
+    assert one_line_error(missing).startswith(
+        f"raykd: error: raykd-nope: no such job on {head.url}")
 
 
 @pytest.mark.ray
@@ -305,6 +306,28 @@ def test_unreachable_address_is_one_line(tmp_path, tiny_job):
     assert one_line_error(raykd("list", env=env)).startswith("raykd: error: --address: no cluster")
     assert "is not a Jobs API address" in one_line_error(
         raykd("list", "--address", "ray://127.0.0.1:10001", env=env))
+
+
+def test_a_web_server_that_is_not_ray_is_one_line(tmp_path):
+    import http.server
+    import threading
+
+    class NotRay(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotRay)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = raykd("list", "--address", url, env=_clean_env(tmp_path))
+        assert one_line_error(proc).startswith(f"raykd: error: {url}: not a Ray Jobs API ")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --------------------------------------------------------------------------- no cluster

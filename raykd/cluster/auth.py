@@ -42,19 +42,18 @@ def resolve_address(given: str | None) -> Address:
     if not value:
         raise UserError("--address: no cluster given; pass --address http://HEAD:8265 or set "
                         "RAY_ADDRESS to the cluster's dashboard URL")
-    label = "--address" if source == "--address" else source
     if value == "auto" or value.startswith("ray://"):
-        raise UserError(f"{label}: {value} is not a Jobs API address; use the dashboard URL "
+        raise UserError(f"{source}: {value} is not a Jobs API address; use the dashboard URL "
                         "of the head node, e.g. http://HEAD:8265")
     if "://" not in value:
         value = f"http://{value}"
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"{label}: {value} is not an http(s)://HOST:PORT address")
+        raise UserError(f"{source}: {value} is not an http(s)://HOST:PORT address")
     try:
         parts.port  # noqa: B018 - raises on a malformed port
     except ValueError:
-        raise UserError(f"{label}: {value} has an invalid port") from None
+        raise UserError(f"{source}: {value} has an invalid port") from None
     return Address(url=value.rstrip("/"), source=source)
 
 

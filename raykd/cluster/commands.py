@@ -56,15 +56,16 @@ def stop(args: argparse.Namespace) -> int:
 
 def list_jobs(args: argparse.Namespace) -> int:
     found = jobs.jobs(jobs.connect(args.address))
-    rows = [("SUBMISSION_ID", "STATUS", "STARTED", "ENTRYPOINT")]
+    rows = [("SUBMISSION_ID", "STATUS", "STARTED", "JOB")]
     for d in found:
         started = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.start_time / 1000))
                    if d.start_time else "-")
-        rows.append((d.submission_id or d.job_id or "-", str(d.status), started,
-                     (d.entrypoint or "")[:60]))
+        # raykd's own submissions all run `raykd run .raykd/job.yaml`; name their job file.
+        what = (d.metadata or {}).get("raykd.job_file") or d.entrypoint or ""
+        rows.append((d.submission_id or d.job_id or "-", str(d.status), started, what[:80]))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3])
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[3])
     return 0
 
 
@@ -75,7 +76,7 @@ def render_k8s(args: argparse.Namespace) -> int:
     job_file = _as_in_image(args.job)
     image = args.image or os.environ.get("RAYKD_IMAGE") or k8s.PLACEHOLDER_IMAGE
     notes = [f"# raykd render-k8s {' '.join([args.job, *args.overrides])}",
-             "# kubectl apply -f <this file>; then `raykd status/logs <jobId>` through the head service.",
+             "# kubectl apply -f <this file>; `raykd status/logs <jobId>` via the head service.",
              f"# The image must hold the project with {job_file} (see cluster/Dockerfile)."]
     if image == k8s.PLACEHOLDER_IMAGE:
         notes.append(f"# {k8s.PLACEHOLDER_IMAGE} is a placeholder: pass --image or edit it.")

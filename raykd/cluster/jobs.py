@@ -49,11 +49,13 @@ class Cluster:
         """Run one client call, turning Ray's exceptions into one-line UserErrors."""
         from ray.exceptions import AuthenticationError
 
+        # requests' errors are OSErrors; aiohttp's (the log stream) are not.
+        lost: tuple[type[BaseException], ...] = (OSError, *_http_errors())
         try:
             return fn(*args, **kwargs)
         except AuthenticationError as e:
             raise refused(self.address, self.token, str(e)) from None
-        except ConnectionError as e:  # requests' ConnectionError subclasses the builtin
+        except lost as e:
             raise UserError(f"{self.address.where}: lost the connection to the Ray Jobs API "
                             f"({_first_line(e)})") from None
 
@@ -200,6 +202,14 @@ def jobs(cluster: Cluster) -> list[Any]:
     """All jobs on the cluster, oldest first."""
     found = cluster.call(cluster.client.list_jobs)
     return sorted(found, key=lambda d: d.start_time or 0)
+
+
+def _http_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - ray[default] brings it
+        return ()
+    return (aiohttp.ClientError,)
 
 
 def _first_line(e: BaseException) -> str:
