@@ -166,8 +166,7 @@ def _pod(container: str, image: str, cpus: float, gpus: int, memory_gib: int,
         "resources": _quantities(cpus=cpus, memory=f"{memory_gib}Gi", gpus=gpus),
         "env": _secret_env(),
         "securityContext": _container_security(),
-        # Ray's object store and NCCL both want a real /dev/shm, not Docker's 64 MiB.
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        # No /dev/shm volume: KubeRay mounts a memory-backed one sized to the pod itself.
     }
     if ports:
         c["ports"] = [{"name": n, "containerPort": p} for n, p in ports]
@@ -176,7 +175,6 @@ def _pod(container: str, image: str, cpus: float, gpus: int, memory_gib: int,
         # Autoscaler v2 treats a pod as one Ray node; a restarted pod would be a stale one.
         "restartPolicy": "Never",
         "containers": [c],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
     }
     if gpus:
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
