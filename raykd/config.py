@@ -43,11 +43,17 @@ class RunOptions:
         None, "Logical CPUs for embedded Ray; null sizes it for the job (at least the cores)."
     )
     overwrite: bool = doc(False, "Replace an existing run directory of the same name.")
+    resume: bool = doc(
+        False, "Continue the run in output_dir/name from its latest complete checkpoint "
+        "(after a crash or a lost driver); `raykd resume RUN_DIR` sets it."
+    )
     verbose: bool = doc(False, "Forward Ray worker logs and Ray Data progress bars.")
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain directory name, got {self.name!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume", "cannot be combined with run.overwrite")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError("num_cpus", f"must be >= 1, got {self.num_cpus}")
 

@@ -1,14 +1,15 @@
 """The Ray Data side of a job: packed sequences, the teacher pool, the label cache.
 
-    files --read_binary_files--> PackFiles --> [KeepIds] --> TeacherReplica pool
-          --> ShardWriter (write-through) ----------------------------+
-    CacheSource (labels already cached) -------------------------------+--> students
+    files --read_binary_files--> PackFiles (only the samples still to do) --> TeacherReplica
+          pool --> ShardWriter (write-through) ------------------------------+
+    CacheSource (samples already labelled) ----------------------------------+--> students
 
 `plan()` runs the cheap passes on the driver before any run directory exists (so bad data
-fails fast): it packs every file once to learn the training sample ids, labels (or reads
-from the cache) the held-out set, and opens the cache. `first_epoch()` then reads what the
-cache holds and sends only the rest through the teacher; `later_epochs()` reads the cache
-alone, so a second epoch, or a second run with the same lineage, starts no teacher.
+fails fast): it packs every file once to number all sequences and split them, labels (or
+reads from the cache) the held-out set, and opens the cache. `first_epoch()` then reads
+what the cache holds and sends only the rest through the teacher, skipping what a
+checkpoint's ledger says was already trained on; `later_epochs()` reads the cache alone,
+so a second epoch, or a second run with the same lineage, starts no teacher.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any, Callable
 import numpy as np
 
 from raykd.config import JobConfig
-from raykd.data.cache_source import CacheSource, KeepIds, ShardWriter
+from raykd.data.cache_source import CacheSource, ShardWriter
 from raykd.data.label_cache import (LabelCache, Lineage, dataset_fingerprint,
                                     model_fingerprint, tokenizer_fingerprint)
-from raykd.data.packing import PackFiles, empty_sequences
+from raykd.data.packing import PackFiles, PackSpec, empty_sequences
+from raykd.data.samples import Layout, SampleSet
 from raykd.errors import UserError
 from raykd.preflight import Preflight
 from raykd.storage import FileSet, local_path
@@ -33,10 +35,12 @@ from raykd.teacher.replica import TeacherReplica, resolve_dtype
 @dataclass
 class DataPlan:
     files: FileSet
-    train_ids: np.ndarray  # sorted sample ids of the training split
-    eval_rows: dict[str, np.ndarray]  # labelled held-out sequences, by sample id
+    spec: PackSpec
+    layout: Layout  # every packed sequence's dense sample_index
+    train: SampleSet  # the training split
+    eval_rows: dict[str, np.ndarray]  # labelled held-out sequences, by sample_index
     cache: LabelCache | None
-    cached: np.ndarray  # training sample ids the cache already held
+    cached: SampleSet  # training samples the cache held when planned
     eval_from_cache: bool
     vocab_limit: int | None  # logits compared over this many tokens (student.vocab)
 
@@ -44,22 +48,43 @@ class DataPlan:
 def plan(job: JobConfig, checks: Preflight, model_dir: str, on_cluster: bool,
          log: Callable[[str], None]) -> DataPlan:
     files = checks.files
-    train_ids = np.sort(_column(sequences(job, files, "train").select_columns(["sample_id"]),
-                                "sample_id"))
-    if len(train_ids) == 0:
+    spec = pack_spec(job, files)
+    stats = collect(_read(files).map_batches(PackFiles(spec, "stats"), batch_size=1,
+                                             batch_format="numpy"), None)
+    order = np.argsort(stats["file_idx"])
+    layout = Layout(stats["count"][order].astype(np.int64))
+    held_mask = np.concatenate(
+        [np.unpackbits(np.frombuffer(stats["eval_bits"][i], np.uint8), count=int(n))
+         for i, n in zip(order, layout.counts)] or [np.zeros(0, np.uint8)]).astype(bool)
+    held = SampleSet.of(layout.total, np.nonzero(held_mask)[0])
+    train = SampleSet.of(layout.total, np.nonzero(~held_mask)[0])
+    if len(train) == 0:
         raise UserError(f"data.source: no training sequences in {len(files.paths)} file(s) "
                         "(empty files, or all held out by data.eval_fraction)")
     cache = None
     if job.labels.cache is not None:
         lin = lineage(job, files, model_dir, checks.vocab_limit)
         cache = LabelCache(cache_uri(job, lin), lin).open()
-    eval_rows, from_cache = _eval_rows(job, files, cache, on_cluster, checks.vocab_limit)
-    cached = np.zeros(0, np.int64)
+    chosen = held.indices()[: job.data.eval_max_samples]
+    if len(chosen) == 0:
+        raise UserError("data.eval_fraction: no held-out sequences; raise data.eval_fraction "
+                        "or add data")
+    p = DataPlan(files, spec, layout, train, {}, cache, SampleSet(layout.total), False,
+                 checks.vocab_limit)
+    p.eval_rows, p.eval_from_cache = _eval_rows(job, p, SampleSet.of(layout.total, chosen),
+                                                on_cluster)
     if cache is not None:
-        cached = train_ids[np.isin(train_ids, cache.index().cached_ids())]
-        log(f"raykd: label cache {cache.uri}: {len(cached)} of {len(train_ids)} training "
+        p.cached = cache.index().cached(layout.total) & train
+        log(f"raykd: label cache {cache.uri}: {len(p.cached)} of {len(train)} training "
             "sequences already labelled")
-    return DataPlan(files, train_ids, eval_rows, cache, cached, from_cache, checks.vocab_limit)
+    return p
+
+
+def pack_spec(job: JobConfig, files: FileSet) -> PackSpec:
+    return PackSpec(teacher_model=job.teacher.model, names=dict(zip(files.paths, files.names)),
+                    file_index={p: i for i, p in enumerate(files.paths)}, fmt=job.data.format,
+                    text_key=job.data.text_key, seq_len=job.data.seq_len,
+                    eval_fraction=job.data.eval_fraction)
 
 
 def lineage(job: JobConfig, files: FileSet, model_dir: str, vocab_limit: int | None) -> Lineage:
@@ -88,19 +113,22 @@ def cache_uri(job: JobConfig, lin: Lineage) -> str:
 # --------------------------------------------------------------------------- datasets
 
 
-def sequences(job: JobConfig, files: FileSet, split: str) -> Any:
-    """Packed sequences of one split: sample_id, input_ids (seq_len,), length."""
+def _read(files: FileSet) -> Any:
     import ray.data
 
-    ds = ray.data.read_binary_files(files.paths, include_paths=True, filesystem=files.fs,
-                                    override_num_blocks=len(files.paths))
-    pack = PackFiles(
-        teacher_model=job.teacher.model, names=dict(zip(files.paths, files.names)),
-        fmt=job.data.format, text_key=job.data.text_key, seq_len=job.data.seq_len,
-        eval_fraction=job.data.eval_fraction, split=split,
-    )
+    return ray.data.read_binary_files(files.paths, include_paths=True, filesystem=files.fs,
+                                      override_num_blocks=len(files.paths))
+
+
+def sequences(p: DataPlan, split: str, keep: SampleSet | None = None) -> Any:
+    """Packed sequences of one split (only those in `keep` when given): sample_id,
+    sample_index, input_ids (seq_len,), length."""
+    import ray
+
+    keep_arg = ray.put(keep) if keep is not None else None
+    pack = PackFiles(p.spec, split, p.layout.offsets, keep_arg)
     # One file per call: a sequence's id depends on its file alone (see data.packing).
-    return ds.map_batches(pack, batch_size=1, batch_format="numpy")
+    return _read(p.files).map_batches(pack, batch_size=1, batch_format="numpy")
 
 
 def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
@@ -127,38 +155,44 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
     )
 
 
-def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
-    """Training rows of the first epoch: cached ones from the cache, the rest labelled
-    now (and written through to the cache)."""
+def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
+                done: SampleSet | None = None) -> Any:
+    """Training rows of the first epoch of a (re)start: all but `done` (what the restored
+    checkpoint already trained on), cached ones from the cache, the rest labelled now and
+    written through to the cache."""
     import ray
     import ray.data
 
+    todo = p.train - done if done is not None else p.train
     if p.cache is None:
-        return label(job, sequences(job, p.files, "train"), on_cluster, p.vocab_limit)
-    cached = p.cached
-    missing = np.setdiff1d(p.train_ids, cached, assume_unique=True)
+        return label(job, sequences(p, "train", todo if done is not None else None),
+                     on_cluster, p.vocab_limit)
+    cached = p.cache.index().cached(p.layout.total)  # now: a restart finds what was written
+    from_cache = todo & cached
+    missing = todo - cached
     parts = []
-    if len(cached):
-        parts.append(ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, cached)))
-    if len(missing):
-        todo = sequences(job, p.files, "train")
-        if len(cached):
-            todo = todo.map_batches(KeepIds(ray.put(missing)), batch_format="numpy")
-        parts.append(write_through(job, p.cache, label(job, todo, on_cluster, p.vocab_limit)))
+    if len(from_cache):
+        parts.append(ray.data.read_datasource(
+            CacheSource(p.cache.uri, p.cache.lineage, ray.put(from_cache))))
+    if len(missing) or not parts:
+        keep = missing if (len(from_cache) or done is not None) else None
+        labelled = label(job, sequences(p, "train", keep), on_cluster, p.vocab_limit)
+        parts.append(write_through(p.cache, labelled))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     """Training rows of every later epoch: the cache alone (filled by the first), or the
     teacher again when caching is off."""
+    import ray
     import ray.data
 
     if p.cache is None:
-        return label(job, sequences(job, p.files, "train"), on_cluster, p.vocab_limit)
-    return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, p.train_ids))
+        return label(job, sequences(p, "train"), on_cluster, p.vocab_limit)
+    return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train)))
 
 
-def write_through(job: JobConfig, cache: LabelCache, labelled: Any) -> Any:
+def write_through(cache: LabelCache, labelled: Any) -> Any:
     # One shard per teacher batch (each block is one); light tasks beside the pool.
     return labelled.map_batches(ShardWriter(cache.uri, cache.lineage), batch_size=None,
                                 batch_format="numpy", num_cpus=0.25)
@@ -167,28 +201,25 @@ def write_through(job: JobConfig, cache: LabelCache, labelled: Any) -> Any:
 # --------------------------------------------------------------------------- held-out set
 
 
-def _eval_rows(job: JobConfig, files: FileSet, cache: LabelCache | None, on_cluster: bool,
-               vocab_limit: int | None) -> tuple[dict[str, np.ndarray], bool]:
-    """The held-out set (lowest sample ids, up to eval_max_samples) with the teacher's soft
-    labels and next-token NLL, as numpy columns sorted by sample id."""
+def _eval_rows(job: JobConfig, p: DataPlan, chosen: SampleSet, on_cluster: bool
+               ) -> tuple[dict[str, np.ndarray], bool]:
+    """The held-out set (the first eval_max_samples held-out sequences in file order) with
+    the teacher's soft labels and next-token NLL, as numpy columns by sample_index."""
     import ray.data
 
-    cols = collect(sequences(job, files, "eval"), empty_sequences(job.data.seq_len))
-    order = np.argsort(cols["sample_id"], kind="stable")[: job.data.eval_max_samples]
-    if len(order) == 0:
-        raise UserError("data.eval_fraction: no held-out sequences; raise data.eval_fraction "
-                        "or add data")
-    cols = {k: v[order] for k, v in cols.items()}
-    if cache is not None:
-        hit = cache.read_eval(cols["sample_id"])
+    if p.cache is not None:
+        hit = p.cache.read_eval(chosen.indices())
         if hit is not None:
             return hit, True
-    ds = ray.data.from_items([{k: v[i] for k, v in cols.items()} for i in range(len(order))])
-    labelled = collect(label(job, ds, on_cluster, vocab_limit, emit_nll=True, pool=(1, 1)), None)
-    order = np.argsort(labelled["sample_id"], kind="stable")
+    cols = collect(sequences(p, "eval", chosen), empty_sequences(job.data.seq_len))
+    ds = ray.data.from_items([{k: v[i] for k, v in cols.items()}
+                              for i in range(len(cols["sample_index"]))])
+    labelled = collect(label(job, ds, on_cluster, p.vocab_limit, emit_nll=True, pool=(1, 1)),
+                       None)
+    order = np.argsort(labelled["sample_index"], kind="stable")
     rows = {k: v[order] for k, v in labelled.items()}
-    if cache is not None:
-        cache.write_eval(rows)
+    if p.cache is not None:
+        p.cache.write_eval(rows)
     return rows, False
 
 
@@ -200,11 +231,6 @@ def collect(ds: Any, empty: dict[str, np.ndarray] | None) -> dict[str, np.ndarra
     if not parts:
         return dict(empty or {})
     return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def _column(ds: Any, name: str) -> np.ndarray:
-    out = collect(ds, {name: np.zeros(0, np.int64)})
-    return out[name]
 
 
 def placement_labels(labels: dict[str, str], on_cluster: bool) -> dict[str, str] | None:

@@ -47,6 +47,46 @@ def create(job: JobConfig) -> Path:
     return path
 
 
+def check_resumable(job: JobConfig) -> Path:
+    """The run directory to continue: it exists, ran this very job, and is not finished."""
+    import yaml
+
+    from raykd.config import to_dict
+
+    path = job.run_dir
+    if not (path / "job.yaml").exists():
+        raise UserError(f"run.resume: {path} holds no run to resume (no job.yaml)")
+    summary = path / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") == "succeeded":
+        raise UserError(f"run.resume: {path} already finished; its student is in "
+                        f"{path / 'student'}")
+    before = yaml.safe_load((path / "job.yaml").read_text())
+    now = to_dict(job)
+    for key in _differences(before, now):
+        if key not in ("run.resume", "run.verbose", "run.ray_address", "run.num_cpus"):
+            raise UserError(f"{key}: differs from the run's job.yaml ({path}); resume the "
+                            f"run as it was, e.g. `raykd resume {path}`")
+    return path
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix]
+
+
+CHECKPOINT_POINTER = "checkpoint.json"
+
+
+def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest checkpoint Ray Train has committed for this run (see RunRecorder)."""
+    pointer = run_dir / CHECKPOINT_POINTER
+    return json.loads(pointer.read_text()) if pointer.exists() else None
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
@@ -59,12 +99,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-class MetricsWriter(UserCallback):  # type: ignore[misc,valid-type]
+class RunRecorder(UserCallback):  # type: ignore[misc,valid-type]
     """Ray Train callback (runs in the controller, on the driver's node): appends rank 0's
-    reported metrics to metrics.jsonl as they arrive."""
+    reported metrics to metrics.jsonl, and points checkpoint.json at each checkpoint once
+    Ray Train has committed it (all ranks uploaded), which is what a restart builds on."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
                      ) -> None:
@@ -73,8 +114,12 @@ class MetricsWriter(UserCallback):  # type: ignore[misc,valid-type]
         row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in row.items()}
-        with open(self.path, "a") as f:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        if checkpoint is not None:
+            write_json_atomic(Path(self.run_dir, CHECKPOINT_POINTER),
+                              {"path": checkpoint.path, "step": row.get("step"),
+                               "epoch": row.get("epoch")})
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -95,7 +140,7 @@ class Follower:
         self.total_steps = total_steps
         self.printer = printer
         self._stop = threading.Event()
-        self._seen = 0
+        self._seen = len(read_metrics(path))  # a resumed run prints only what is new
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._start = time.time()
 

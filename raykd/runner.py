@@ -8,6 +8,7 @@ Run it on a laptop's CPU with `raykd run jobs/quickstart.yaml`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,8 @@ from raykd.config import JobConfig, to_dict
 from raykd.data.packing import load_tokenizer
 from raykd.errors import UserError
 from raykd.preflight import preflight
+from raykd.student.ledger import FILE as LEDGER_FILE
+from raykd.student.ledger import Ledger
 from raykd.student.losses import target_mask
 from raykd.teacher.loading import materialize
 
@@ -43,15 +46,20 @@ def run(job: JobConfig, log: Callable[[str], None] = print, first_epoch: Any = N
     """
     started = time.time()
     checks = preflight(job)
-    rundir.check_free(job)
+    if job.run.resume:
+        rundir.check_resumable(job)
+    else:
+        rundir.check_free(job)
     log(f"raykd: preparing teacher {job.teacher.model}")
     model_dir = materialize(job.teacher.model)
     on_cluster = _init_ray(job)
     # Packing reads every file, so malformed data fails here, before anything is written.
     log("raykd: packing data and labelling the held-out set")
     data = pipeline.plan(job, checks, model_dir, on_cluster, log)
-    path = rundir.create(job)
-    log(f"raykd: run directory {path}")
+    path = job.run_dir if job.run.resume else rundir.create(job)
+    pointer = rundir.latest_checkpoint(path) if job.run.resume else None
+    log(f"raykd: run directory {path}" + (
+        f" (resuming from step {pointer['step']})" if pointer else ""))
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(path)}
     try:
         summary = _distill(job, data, model_dir, path, on_cluster, log, first_epoch)
@@ -73,21 +81,22 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
     log("raykd: packing data and labelling the held-out set")
     data = pipeline.plan(job, checks, model_dir, on_cluster, log)
     assert data.cache is not None
-    todo = len(data.train_ids) - len(data.cached)
+    n_train = len(data.train)
+    todo = n_train - len(data.cached)
     if todo:
         log(f"raykd: labelling {todo} sequences with {job.teacher.replicas.min}-"
             f"{job.teacher.replicas.max} teacher replica(s)")
         for _ in pipeline.first_epoch(job, data, on_cluster).iter_batches(batch_size=None):
             pass
     index = data.cache.index()
-    covered = int(np.isin(data.train_ids, index.cached_ids()).sum())
-    if covered == len(data.train_ids):
+    covered = len(index.cached(data.layout.total) & data.train)
+    if covered == n_train:
         data.cache.write_manifest(index, covered)
     size = sum(data.cache.fs.get_file_info(p).size for p in index.paths)
-    tokens = sum(len(ids) for ids in index.ids) * job.data.seq_len
-    return {"status": "succeeded" if covered == len(data.train_ids) else "incomplete",
-            "cache": data.cache.uri, "train_sequences": int(len(data.train_ids)),
-            "labelled_now": todo, "cached_before": int(len(data.cached)),
+    tokens = index.rows() * job.data.seq_len
+    return {"status": "succeeded" if covered == n_train else "incomplete",
+            "cache": data.cache.uri, "train_sequences": n_train,
+            "labelled_now": todo, "cached_before": len(data.cached),
             "shards": len(index.paths), "bytes": int(size),
             "bytes_per_token": round(size / max(tokens, 1), 1),
             "wall_s": round(time.time() - started, 1)}
@@ -102,7 +111,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
 
     from raykd.student.train_loop import train_loop_per_worker
 
-    eval_rows, n_train = data.eval_rows, len(data.train_ids)
+    eval_rows, n_train = data.eval_rows, len(data.train)
     teacher_eval_loss = _mean_nll(eval_rows)
     total_steps = plan_steps(job, n_train)
     log(f"raykd: {len(eval_rows['sample_id'])} held-out sequences, teacher ppl "
@@ -111,17 +120,18 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         f"on {job.train.num_workers} worker(s), teacher pool {job.teacher.replicas.min}-"
         f"{job.teacher.replicas.max}")
 
-    if first_epoch is None:
-        first_epoch = pipeline.first_epoch(job, data, on_cluster)
-    datasets = {"train": first_epoch}
+    storage = job.train.storage or str((path / "checkpoints").absolute())
+    datasets = {"train": first_epoch if first_epoch is not None else
+                FirstEpoch(job, data, on_cluster, str(path), storage)}
     if job.train.epochs > 1:
         datasets["later"] = pipeline.later_epochs(job, data, on_cluster)
-    storage = job.train.storage or str((path / "checkpoints").absolute())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": to_dict(job),
                            "plan": {"total_steps": total_steps,
                                     "vocab_limit": data.vocab_limit,
+                                    "samples_total": data.layout.total,
+                                    "train_samples": n_train,
                                     "eval_ref": ray.put(eval_rows)}},
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -137,7 +147,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[rundir.MetricsWriter(str((path / "metrics.jsonl").absolute()))],
+            callbacks=[rundir.RunRecorder(str(path.absolute()))],
         ),
     )
     with rundir.Follower(path / "metrics.jsonl", total_steps, log):
@@ -147,8 +157,8 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
     final = result.metrics or {}
     export_dir = path / "student"
     with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt, "hf"), export_dir)
-        trained = _ledger_counts(Path(ckpt, "ledger"))
+        shutil.copytree(Path(ckpt, "hf"), export_dir, dirs_exist_ok=True)
+        ledger = Ledger.from_bytes(Path(ckpt, LEDGER_FILE).read_bytes())
     load_tokenizer(model_dir).save_pretrained(export_dir)
     first = rundir.read_metrics(path / "metrics.jsonl")
     start_ppl = next((r["eval_ppl"] for r in first if "eval_ppl" in r), None)
@@ -159,9 +169,10 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         "tokens": final.get("tokens", 0),
         "samples": final.get("samples", 0),
         "train_sequences": n_train,
-        "samples_unique": trained["unique"][-1] if trained["unique"] else 0,
-        "samples_per_epoch": trained["unique"],
-        "samples_repeated": trained["repeated"],
+        "samples_unique": len(ledger.samples[max(ledger.samples)]) if ledger.samples else 0,
+        "samples_per_epoch": [len(ledger.samples[e]) for e in sorted(ledger.samples)],
+        "rows_per_epoch": [ledger.rows[e] for e in sorted(ledger.samples)],
+        "samples_repeated": sum(ledger.rows[e] - len(ledger.samples[e]) for e in ledger.samples),
         "student_eval_loss": final.get("eval_loss"),
         "student_eval_ppl": final.get("eval_ppl"),
         "student_eval_ppl_start": start_ppl,
@@ -169,7 +180,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         "teacher_eval_ppl": math.exp(teacher_eval_loss),
         "eval_sequences": int(len(eval_rows["sample_id"])),
         "label_cache": data.cache.uri if data.cache else None,
-        "cached_at_start": int(len(data.cached)),
+        "cached_at_start": len(data.cached),
         "export_dir": str(export_dir),
         "checkpoint": result.checkpoint.path,
         "pipelined": bool(final.get("labeled_at_max", 0) > final.get("first_step_time", 0) > 0),
@@ -193,17 +204,31 @@ def plan_steps(job: JobConfig, n_train: int) -> int:
     return min(steps, t.max_steps) if t.max_steps else steps
 
 
-def _ledger_counts(ledger: Path) -> dict[str, Any]:
-    """Per epoch: how many distinct samples the students trained on, and how many twice."""
-    epochs: dict[str, list[np.ndarray]] = {}
-    for p in sorted(ledger.glob("epoch*-rank*.npy")):
-        epochs.setdefault(p.name.split("-")[0], []).append(np.load(p, allow_pickle=False))
-    unique, repeated = [], 0
-    for parts in epochs.values():
-        flat = np.concatenate(parts)
-        unique.append(int(len(np.unique(flat))))
-        repeated += int(len(flat) - unique[-1])
-    return {"unique": unique, "repeated": repeated}
+class FirstEpoch:
+    """The first epoch of every worker-group (re)start, built by Ray Train in its controller
+    (on the driver's node) each time the group starts: it skips what the latest committed
+    checkpoint's ledger says was trained, before the teacher sees it."""
+
+    def __init__(self, job: JobConfig, data: pipeline.DataPlan, on_cluster: bool,
+                 run_dir: str, storage_uri: str):
+        self.job, self.data, self.on_cluster = job, data, on_cluster
+        self.run_dir, self.storage_uri = run_dir, storage_uri
+
+    def __call__(self) -> Any:
+        return pipeline.first_epoch(self.job, self.data, self.on_cluster, self.done())
+
+    def done(self) -> Any:
+        from raykd import storage
+
+        pointer = rundir.latest_checkpoint(Path(self.run_dir))
+        if pointer is None:
+            return None
+        fs, _ = storage.filesystem(self.storage_uri, "train.storage")
+        with fs.open_input_file(f"{pointer['path']}/{LEDGER_FILE}") as f:
+            ledger = Ledger.from_bytes(f.read())
+        with fs.open_input_file(f"{pointer['path']}/progress.json") as f:
+            epoch = json.loads(f.read())["epoch"]
+        return ledger.epoch(epoch)
 
 
 try:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from raykd.data.label_cache import LabelCache, Lineage, file_fingerprint, model_fingerprint
+from raykd.data.samples import SampleSet
 from raykd.errors import ConfigError
 
 LINEAGE = Lineage(teacher="t", tokenizer="tok", dataset="d", seq_len=8, top_k=4,
@@ -17,7 +18,8 @@ LINEAGE = Lineage(teacher="t", tokenizer="tok", dataset="d", seq_len=8, top_k=4,
 
 def rows(ids, seq_len=8, k=4):
     n = len(ids)
-    return {"sample_id": np.asarray(ids, np.int64),
+    return {"sample_id": np.asarray(ids, np.int64) * 7919,
+            "sample_index": np.asarray(ids, np.int64),
             "input_ids": np.arange(n * seq_len, dtype=np.int32).reshape(n, seq_len),
             "length": np.full(n, seq_len, np.int32),
             "topk_q": np.full((n, seq_len, k), 7, np.uint8),
@@ -30,12 +32,12 @@ def test_shards_round_trip_and_index_dedups(tmp_path):
     cache.write_shard(rows([9, 11]))  # 9 again, as after a retried teacher batch
     (tmp_path / "c" / "shards" / ".part-x.parquet.1234.tmp").write_bytes(b"half written")
     index = cache.index()
-    assert len(index.paths) == 2
-    assert index.cached_ids().tolist() == [3, 5, 9, 11]
-    picked = index.selection(np.array([3, 9, 11, 42]))
-    assert sum(len(r) for _, r in picked) == 3  # 42 is not cached; 9 is taken once
+    assert len(index.paths) == 2 and index.rows() == 5
+    assert index.cached(50).indices().tolist() == [3, 5, 9, 11]
     back = cache.read_shard(str(tmp_path / "c" / "shards" / a))
-    assert back["sample_id"].tolist() == [5, 3, 9]
+    assert back["sample_index"].tolist() == [5, 3, 9]
+    some = cache.read_shard(str(tmp_path / "c" / "shards" / a), SampleSet.of(50, [9, 5, 42]))
+    assert some["sample_index"].tolist() == [5, 9]
     assert back["topk_id_planes"].shape == (3, 8, 2, 4) and back["topk_q"].dtype == np.uint8
     assert np.array_equal(back["input_ids"], rows([5, 3, 9])["input_ids"])
 
@@ -151,7 +153,7 @@ def test_label_once_train_many(ray_cluster, teacher_dir, tmp_path):
     assert (cache_dir / "manifest.json").exists()
     index = LabelCache(str(cache_dir), Lineage.from_json((cache_dir / "lineage.json").read_text())
                        ).index()
-    assert len(index.cached_ids()) == out["train_sequences"]
+    assert len(index.cached(10**6)) >= out["train_sequences"]
 
     # The same cache directory asked for with other label settings is refused, before
     # a run directory exists.

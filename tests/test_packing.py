@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykd.data.packing import PackFiles, documents, is_eval, pack, sample_id
+from raykd.data.packing import PackFiles, PackSpec, documents, is_eval, pack, sample_id
+from raykd.data.samples import SampleSet
 from raykd.errors import UserError
 
 
@@ -59,25 +60,40 @@ def test_bad_files_name_the_file_and_line(data, fmt, words):
         documents(data, fmt, "text", "a")
 
 
-def test_pack_files_splits_train_and_eval_without_overlap(tiny_teacher):
+def spec(teacher, paths, seq_len=16, eval_fraction=0.2):
+    return PackSpec(teacher_model=str(teacher), names={p: p.rsplit("/", 1)[-1] for p in paths},
+                    file_index={p: i for i, p in enumerate(paths)}, fmt="auto", text_key="text",
+                    seq_len=seq_len, eval_fraction=eval_fraction)
+
+
+def test_pack_files_numbers_and_splits_every_sequence(tiny_teacher):
     text = ("Shall I compare thee to a summer's day? " * 200).encode()
-    rows = {"bytes": np.array([text, text], dtype=object), "path": np.array(["/d/a.txt", "/d/b.txt"])}
-    common = dict(teacher_model=str(tiny_teacher), names={"/d/a.txt": "a.txt", "/d/b.txt": "b.txt"},
-                  fmt="auto", text_key="text", seq_len=16, eval_fraction=0.2)
-    train = PackFiles(split="train", **common)(rows)
-    held = PackFiles(split="eval", **common)(rows)
+    paths = ["/d/a.txt", "/d/b.txt"]
+    rows = {"bytes": np.array([text, text], dtype=object), "path": np.array(paths)}
+    s = spec(tiny_teacher, paths)
+    stats = PackFiles(s, "stats")(rows)
+    assert stats["file_idx"].tolist() == [0, 1] and stats["count"][0] == stats["count"][1] > 10
+    offsets = np.array([0, stats["count"][0]])
+    train = PackFiles(s, "train", offsets)(rows)
+    held = PackFiles(s, "eval", offsets)(rows)
     assert train["input_ids"].shape[1] == 16 and train["input_ids"].dtype == np.int32
+    every = np.sort(np.concatenate([train["sample_index"], held["sample_index"]]))
+    assert every.tolist() == list(range(int(stats["count"].sum())))  # each once
     assert set(train["sample_id"]).isdisjoint(held["sample_id"])
-    total = len(train["sample_id"]) + len(held["sample_id"])
-    assert total == len(set(train["sample_id"]) | set(held["sample_id"]))
-    assert 0 < len(held["sample_id"]) < total / 2
-    # Same file content under another name gives other ids; same name gives the same ids.
-    assert np.array_equal(train["sample_id"], PackFiles(split="train", **common)(rows)["sample_id"])
+    assert 0 < len(held["sample_id"]) < len(every) / 2
+    bits = np.unpackbits(np.frombuffer(stats["eval_bits"][0], np.uint8), count=stats["count"][0])
+    assert sorted(held["sample_index"][held["sample_index"] < offsets[1]]) == \
+        np.nonzero(bits)[0].tolist()
+    # Deterministic, and `keep` narrows to a subset before anything else happens.
+    assert np.array_equal(train["sample_id"], PackFiles(s, "train", offsets)(rows)["sample_id"])
+    few = SampleSet.of(len(every), train["sample_index"][:3])
+    assert PackFiles(s, "train", offsets, few)(rows)["sample_index"].tolist() == \
+        train["sample_index"][:3].tolist()
 
 
 def test_jsonl_rows_become_documents(tmp_path, tiny_teacher):
     data = "\n".join(json.dumps({"text": f"line {i} of the data"}) for i in range(40)).encode()
     rows = {"bytes": np.array([data], dtype=object), "path": np.array(["x.jsonl"])}
-    out = PackFiles(str(tiny_teacher), {}, "auto", "text", 8, 0.0, "train")(rows)
+    out = PackFiles(spec(tiny_teacher, ["x.jsonl"], 8, 0.0), "train", np.array([0]))(rows)
     eos = 2
     assert (out["input_ids"] == eos).sum() >= 39  # documents are joined by EOS

@@ -11,6 +11,7 @@ import pytest
 
 from raykd.config import job_from_dict
 from raykd.data.packing import PackFiles
+from raykd.student.ledger import Ledger
 from raykd.run_dir import read_metrics
 from tests.tiny import make_llama, shakespeare
 
@@ -32,9 +33,10 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
-    # Wider than the student so that labelling takes real time next to training.
-    return make_llama(tmp_path_factory.mktemp("pipeline") / "teacher", layers=6, hidden=256,
-                      heads=4, kv_heads=2, intermediate=512)
+    # ~20 M parameters: labelling the ~50 teacher batches takes several seconds, well past
+    # the students' first step, so overlap (or its absence) is visible in the timestamps.
+    return make_llama(tmp_path_factory.mktemp("pipeline") / "teacher", layers=8, hidden=512,
+                      heads=8, kv_heads=4, intermediate=1024)
 
 
 def tiny_job(teacher: Path, out: Path, name: str, **train) -> dict:
@@ -51,16 +53,18 @@ def tiny_job(teacher: Path, out: Path, name: str, **train) -> dict:
     }
 
 
-def expected_train_ids(job) -> set[int]:
-    """The train split computed straight from the files, without Ray."""
+def expected_train(job) -> set[int]:
+    """The training split's sample_index values, computed straight from the files."""
+    from raykd.pipeline import pack_spec
     from raykd.storage import expand
 
     files = expand(job.data.sources, "data.source")
-    pack = PackFiles(job.teacher.model, dict(zip(files.paths, files.names)), "auto", "text",
-                     job.data.seq_len, job.data.eval_fraction, "train")
+    spec = pack_spec(job, files)
     rows = {"bytes": np.array([Path(p).read_bytes() for p in files.paths], dtype=object),
             "path": np.array(files.paths)}
-    return set(pack(rows)["sample_id"].tolist())
+    counts = PackFiles(spec, "stats")(rows)["count"]
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return set(PackFiles(spec, "train", offsets)(rows)["sample_index"].tolist())
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -74,15 +78,12 @@ def test_distill_two_workers(ray_cluster, teacher_dir, tmp_path, zero_stage):
     assert s["status"] == "succeeded", s
     run_dir = outcome.run_dir
 
-    # Every training sample reached exactly one worker exactly once.
-    ledger = Path(s["checkpoint"]) / "ledger"
-    per_rank = [np.load(p) for p in sorted(ledger.glob("epoch0000-rank*.npy"))]
-    assert len(per_rank) == 2 and all(len(r) for r in per_rank)
-    trained = np.concatenate(per_rank)
-    assert len(trained) == len(set(trained.tolist()))
-    assert set(trained.tolist()) == expected_train_ids(job)
-    assert s["samples_unique"] == s["train_sequences"] == len(trained)
-    assert s["samples_repeated"] == 0
+    # Every training sample was trained on exactly once: the ledger holds exactly the
+    # training split, and as many rows went through the model as it has samples.
+    ledger = Ledger.from_bytes((Path(s["checkpoint"]) / "ledger.npz").read_bytes())
+    assert set(ledger.samples[0].indices().tolist()) == expected_train(job)
+    assert ledger.rows[0] == len(ledger.samples[0]) == s["train_sequences"]
+    assert s["samples_unique"] == s["train_sequences"] and s["samples_repeated"] == 0
 
     # Teacher batches kept arriving after training had started: labelling and training
     # overlapped instead of running one after the other.
@@ -123,3 +124,4 @@ def test_max_steps_stops_early(ray_cluster, teacher_dir, tmp_path):
     s = run(job, log=lambda _: None).summary
     assert s["status"] == "succeeded" and s["steps"] == 3
     assert s["samples_unique"] == 3 * 8 and s["samples_repeated"] == 0
+    assert s["rows_per_epoch"] == [24]

@@ -12,6 +12,7 @@ import pytest
 
 from raykd import storage
 from raykd.errors import UserError
+from raykd.student.ledger import Ledger
 from tests import s3
 from tests.tiny import make_llama, shakespeare
 
@@ -73,9 +74,8 @@ def test_distill_from_and_to_s3(s3_server, tmp_path):
     fs = s3_server.filesystem()
     listing = [i.path for i in fs.get_file_info(pafs.FileSelector(s["checkpoint"], recursive=True))]
     assert any(p.endswith("/progress.json") for p in listing)
-    assert any("/ledger/epoch0000-rank00000.npy" in p for p in listing)
     assert any(p.endswith("mp_rank_00_model_states.pt") for p in listing)
-    with fs.open_input_file(f"{s['checkpoint']}/ledger/epoch0000-rank00000.npy") as f:
-        ids = np.load(io.BytesIO(f.read()))
-    assert len(ids) == len(set(ids.tolist())) == 16
+    with fs.open_input_file(f"{s['checkpoint']}/ledger.npz") as f:
+        ledger = Ledger.from_bytes(f.read())
+    assert len(ledger.samples[0]) == ledger.rows[0] == 16
     assert (tmp_path / "runs" / "s3run" / "student" / "config.json").exists()

@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raykd import storage
+from raykd.data.samples import SampleSet
 from raykd.errors import ConfigError, UserError
 
 LINEAGE_KEY = b"raykd.lineage"
@@ -171,7 +172,7 @@ class LabelCache:
                       and not i.path.rsplit("/", 1)[-1].startswith("."))
 
     def index(self) -> "CacheIndex":
-        """Which sample ids the complete shards hold (first shard wins on duplicates)."""
+        """Which samples (dense sample_index) the complete shards hold."""
         paths = self.shard_paths()
         with ThreadPoolExecutor(16) as pool:
             ids = list(pool.map(self._shard_ids, paths))
@@ -184,7 +185,7 @@ class LabelCache:
             if LINEAGE_KEY not in meta:
                 raise UserError(f"{self.key}: {path} is not a raykd label shard")
             self.check(Lineage.from_json(meta[LINEAGE_KEY]), path)
-            return pf.read(columns=["sample_id"]).column(0).to_numpy()
+            return pf.read(columns=["sample_index"]).column(0).to_numpy()
 
     def write_shard(self, batch: dict[str, np.ndarray]) -> str:
         name = f"part-{uuid.uuid4().hex}.parquet"
@@ -192,18 +193,24 @@ class LabelCache:
         self._write_atomic(f"{self.root}/shards/{name}", data)
         return name
 
-    def read_shard(self, path: str, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def read_shard(self, path: str, wanted: SampleSet | None = None) -> dict[str, np.ndarray]:
+        """A shard's rows, only those in `wanted` when given, lineage checked."""
         with self.fs.open_input_file(path) as f:
             table = pq.read_table(f)
+        self.check(Lineage.from_json((table.schema.metadata or {}).get(LINEAGE_KEY, b"{}")),
+                   path)
+        rows = None
+        if wanted is not None:
+            rows = np.nonzero(wanted.contains(table.column("sample_index").to_numpy()))[0]
         return table_to_numpy(table, rows)
 
     # -- eval set and manifest
 
-    def eval_path(self, sample_ids: np.ndarray) -> str:
-        return f"{self.root}/eval/eval-{_digest(np.sort(sample_ids).tobytes())[:16]}.parquet"
+    def eval_path(self, sample_index: np.ndarray) -> str:
+        return f"{self.root}/eval/eval-{_digest(np.sort(sample_index).tobytes())[:16]}.parquet"
 
-    def read_eval(self, sample_ids: np.ndarray) -> dict[str, np.ndarray] | None:
-        path = self.eval_path(sample_ids)
+    def read_eval(self, sample_index: np.ndarray) -> dict[str, np.ndarray] | None:
+        path = self.eval_path(sample_index)
         if self.fs.get_file_info(path).type != pafs.FileType.File:
             return None
         with self.fs.open_input_file(path) as f:
@@ -213,7 +220,7 @@ class LabelCache:
 
     def write_eval(self, rows: dict[str, np.ndarray]) -> None:
         self.fs.create_dir(f"{self.root}/eval", recursive=True)
-        self._write_atomic(self.eval_path(rows["sample_id"]), table_bytes(rows, self.lineage))
+        self._write_atomic(self.eval_path(rows["sample_index"]), table_bytes(rows, self.lineage))
 
     def write_manifest(self, index: "CacheIndex", samples: int) -> None:
         manifest = {"lineage": json.loads(self.lineage.to_json()),
@@ -239,29 +246,16 @@ class LabelCache:
 @dataclass
 class CacheIndex:
     paths: list[str]
-    ids: list[np.ndarray]  # sample ids per shard
+    ids: list[np.ndarray]  # sample_index of each shard's rows
 
-    def cached_ids(self) -> np.ndarray:
-        return np.unique(np.concatenate(self.ids)) if self.ids else np.zeros(0, np.int64)
+    def cached(self, total: int) -> SampleSet:
+        s = SampleSet(total)
+        for ids in self.ids:
+            s.add(ids)
+        return s
 
-    def selection(self, wanted: np.ndarray) -> list[tuple[str, np.ndarray]]:
-        """(shard, row indices) covering each wanted id exactly once."""
-        wanted = np.unique(wanted)
-        taken = np.zeros(len(wanted), dtype=bool)
-        out = []
-        for path, ids in zip(self.paths, self.ids):
-            pos = np.searchsorted(wanted, ids)
-            pos_c = np.minimum(pos, max(len(wanted) - 1, 0))
-            hit = (pos < len(wanted)) & (wanted[pos_c] == ids) if len(wanted) else \
-                np.zeros(len(ids), dtype=bool)
-            rows = []
-            for r in np.nonzero(hit)[0]:
-                if not taken[pos[r]]:
-                    taken[pos[r]] = True
-                    rows.append(r)
-            if rows:
-                out.append((path, np.asarray(rows, dtype=np.int64)))
-        return out
+    def rows(self) -> int:
+        return int(sum(len(i) for i in self.ids))
 
 
 # --------------------------------------------------------------------------- table format

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -106,53 +107,98 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
-class PackFiles:
-    """Ray Data UDF: rows {bytes, path} of whole files -> packed sequence rows of one split.
+@dataclass
+class PackSpec:
+    """What PackFiles needs to know about the job and the file list (pickled into tasks)."""
 
-    Output columns: sample_id (int64), input_ids (seq_len,) int32, length int32.
+    teacher_model: str
+    names: dict[str, str]  # path -> stable name (sample ids hash it)
+    file_index: dict[str, int]  # path -> position in the job's file list
+    fmt: str
+    text_key: str
+    seq_len: int
+    eval_fraction: float
+
+
+class PackFiles:
+    """Ray Data UDF: rows {bytes, path} of whole files -> packed sequences.
+
+    split "train" / "eval": rows sample_id (int64), sample_index (int64), input_ids
+    (seq_len,) int32, length int32 of that split, optionally only those in `keep` (a
+    SampleSet or an ObjectRef to one). split "stats": one row per file, file_idx, count
+    (sequences it packs into) and eval_bits (its held-out bitmap, packed): what the driver
+    needs to number every sequence (see raykd.data.samples).
     """
 
-    def __init__(self, teacher_model: str, names: dict[str, str], fmt: str, text_key: str,
-                 seq_len: int, eval_fraction: float, split: str):
-        self.teacher_model = teacher_model
-        self.names = names
-        self.fmt = fmt
-        self.text_key = text_key
-        self.seq_len = seq_len
-        self.eval_fraction = eval_fraction
+    def __init__(self, spec: PackSpec, split: str, offsets: np.ndarray | None = None,
+                 keep: Any = None):
+        if split != "stats" and offsets is None:
+            raise ValueError("offsets are needed to number sequences")
+        self.spec = spec
         self.split = split
+        self.offsets = offsets
+        self.keep = keep
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from raykd.teacher.loading import materialize
 
-        tok = load_tokenizer(materialize(self.teacher_model))
+        spec = self.spec
+        tok = load_tokenizer(materialize(spec.teacher_model))
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        out_ids, out_len, out_sid = [], [], []
+        stats: dict[str, list] = {"file_idx": [], "count": [], "eval_bits": []}
+        out: dict[str, list] = {"sample_id": [], "sample_index": [], "input_ids": [], "length": []}
         for data, path in zip(batch["bytes"], batch["path"]):
-            name = self.names.get(str(path), str(path))
-            docs = documents(bytes(data), detect_format(name, self.fmt), self.text_key, str(path))
+            path = str(path)
+            name = spec.names.get(path, path)
+            docs = documents(bytes(data), detect_format(name, spec.fmt), spec.text_key, path)
             token_docs = tok(docs, add_special_tokens=False)["input_ids"] if docs else []
-            ids, lengths = pack(token_docs, self.seq_len, eos, pad)
+            ids, lengths = pack(token_docs, spec.seq_len, eos, pad)
             sids = np.array([sample_id(name, i) for i in range(len(ids))], dtype=np.int64)
-            keep = is_eval(sids, self.eval_fraction)
-            if self.split == "train":
-                keep = ~keep
-            out_ids.append(ids[keep])
-            out_len.append(lengths[keep])
-            out_sid.append(sids[keep])
-        if not out_ids:
-            return empty_sequences(self.seq_len)
-        return {
-            "sample_id": np.concatenate(out_sid),
-            "input_ids": np.concatenate(out_ids),
-            "length": np.concatenate(out_len),
-        }
+            held = is_eval(sids, spec.eval_fraction)
+            f = spec.file_index[path]
+            if self.split == "stats":
+                stats["file_idx"].append(f)
+                stats["count"].append(len(ids))
+                stats["eval_bits"].append(np.packbits(held).tobytes())
+                continue
+            index = self.offsets[f] + np.arange(len(ids), dtype=np.int64)
+            keep = held if self.split == "eval" else ~held
+            if self.keep is not None:
+                keep &= _resolve(self.keep).contains(index)
+            out["sample_id"].append(sids[keep])
+            out["sample_index"].append(index[keep])
+            out["input_ids"].append(ids[keep])
+            out["length"].append(lengths[keep])
+        if self.split == "stats":
+            return {"file_idx": np.asarray(stats["file_idx"], np.int64),
+                    "count": np.asarray(stats["count"], np.int64),
+                    "eval_bits": np.asarray(stats["eval_bits"], dtype=object)}
+        if not out["sample_id"]:
+            return empty_sequences(spec.seq_len)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _resolve(keep: Any) -> Any:
+    """A SampleSet, fetched once per process when it travels as an ObjectRef."""
+    from raykd.data.samples import SampleSet
+
+    if isinstance(keep, SampleSet):
+        return keep
+    return _fetch(keep)
+
+
+@functools.lru_cache(maxsize=4)
+def _fetch(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 def empty_sequences(seq_len: int) -> dict[str, np.ndarray]:
     return {
         "sample_id": np.zeros((0,), np.int64),
+        "sample_index": np.zeros((0,), np.int64),
         "input_ids": np.zeros((0, seq_len), np.int32),
         "length": np.zeros((0,), np.int32),
     }

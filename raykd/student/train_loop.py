@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from raykd.data import soft_labels
+from raykd.student.ledger import FILE as LEDGER_FILE
+from raykd.student.ledger import Ledger, candidates, fresh_rows
 from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_mask
 
 CHECKPOINT_TAG = "deepspeed"
@@ -36,11 +38,12 @@ CHECKPOINT_TAG = "deepspeed"
 class Progress:
     """Where training stands; saved in every checkpoint."""
 
+    ledger: Ledger  # samples trained on, per epoch (identical on every rank)
     step: int = 0
     epoch: int = 0
     samples: int = 0  # global, consumed
     tokens: int = 0  # global, target tokens trained on
-    consumed: dict[int, list[np.ndarray]] = field(default_factory=dict)  # epoch -> ids, this rank
+    rows: int = 0  # this rank's rows trained in the current epoch since the last save
 
 
 @dataclass
@@ -100,11 +103,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=deepspeed_config(train, world), dist_init_required=False,
     )
 
-    progress = Progress()
+    progress = Progress(Ledger(plan["samples_total"]))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            progress = _restore(engine, d, rank)
+            progress = _restore(engine, d)
 
     eval_rows = _rank_rows(ray.get(plan["eval_ref"]), rank, world)
     # The first epoch of this (re)start streams from the teacher pool (and cache); later
@@ -124,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(base)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            _save(engine, progress, tmp, rank)
+            _save(engine, progress, tmp, rank, device)
             if final:
                 from raykd.student.model import export, full_state_dict
 
@@ -145,12 +148,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(progress.epoch, train.epochs):
         progress.epoch = epoch
         epoch_started = time.time()
-        consumed = progress.consumed.setdefault(epoch, [])
         shard = shards["train" if epoch == first_epoch else "later"]
         batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
+            keep = _exactly_once(batch, progress, epoch, rank, world, train.micro_batch_size,
+                                 device)
             batch = {k: v.to(device) for k, v in batch.items()}
+            batch["length"] = batch["length"] * keep.to(device)  # length 0: trains nothing
             labels = soft_labels.decode(batch, job.labels.temperature, device)
             logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
             parts = distill_loss(
@@ -162,10 +167,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(parts.loss)
             engine.step()
 
-            n = int((batch["length"] > 0).sum())
+            n = int(keep.sum())
+            progress.rows += n
             if n:
-                consumed.append(batch["sample_id"][batch["length"] > 0].cpu().numpy())
-                labeled_at_max = max(labeled_at_max, float(batch["labeled_at"].max()))
+                labeled_at_max = max(labeled_at_max, float(batch["labeled_at"][keep.to(device)].max()))
             tok = float(parts.tokens)
             window.loss += float(parts.loss.detach()) * tok
             window.kd += float(parts.kd) * tok
@@ -179,19 +184,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if first_step_time is None:
                 first_step_time = time.time()
             max_steps_reached = train.max_steps is not None and progress.step >= train.max_steps
-            if progress.step % train.log_every == 0 or max_steps_reached:
+            log = progress.step % train.log_every == 0 or max_steps_reached
+            do_eval = bool(train.eval_every) and progress.step % train.eval_every == 0
+            save = (bool(train.checkpoint_every) and progress.step % train.checkpoint_every == 0
+                    and not max_steps_reached)  # the final save follows
+            if log or do_eval or save:
                 metrics = _window_metrics(window, engine, device, progress)
                 window = Window()
-                if train.eval_every and progress.step % train.eval_every == 0:
+                if do_eval:
                     metrics.update(evaluate_now())
-                save = bool(train.checkpoint_every) and progress.step % train.checkpoint_every == 0
-                report(metrics, save=save and not max_steps_reached)
+                report(metrics, save=save)
             if max_steps_reached:
                 done = True
                 break
         epoch_seconds[epoch] = time.time() - epoch_started
+        _flush_rows(progress, device)
         if done:
             break
+        _check_epoch(progress, epoch, plan["train_samples"])
     metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
@@ -251,6 +261,7 @@ def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
     labels = soft_labels.empty_label_columns(job.labels.encoding, 1, seq, k, vocab_size)
     return {
         "sample_id": torch.zeros(1, dtype=torch.int64),
+        "sample_index": torch.zeros(1, dtype=torch.int64),
         "input_ids": torch.zeros(1, seq, dtype=torch.int32),
         "length": torch.zeros(1, dtype=torch.int32),
         "labeled_at": torch.zeros(1, dtype=torch.float64),
@@ -297,26 +308,60 @@ def _window_metrics(window: Window, engine: Any, device: torch.device, progress:
     }
 
 
-def _save(engine: Any, progress: Progress, directory: str, rank: int) -> None:
-    """DeepSpeed state (every rank) + this rank's ledger + progress (rank 0)."""
+def _exactly_once(batch: dict[str, torch.Tensor], progress: Progress, epoch: int, rank: int,
+                  world: int, width: int, device: torch.device) -> torch.Tensor:
+    """Which rows of this micro-batch to train (bool, on CPU): every rank shares its
+    candidates, so a sample arriving twice (a retried batch, a duplicated cache shard, a
+    restart that replays it) is trained once, by the lowest rank holding it."""
+    index = batch["sample_index"].numpy()
+    valid = batch["length"].numpy() > 0
+    mine = candidates(progress.ledger, epoch, index, valid, width)
+    if dist.is_initialized() and world > 1:
+        out = [torch.zeros(width, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(out, torch.from_numpy(mine).to(device))
+        gathered = torch.stack(out).cpu().numpy()
+    else:
+        gathered = mine[None]
+    keep = fresh_rows(progress.ledger, epoch, index, valid, gathered, rank)
+    taken = gathered[gathered >= 0]
+    progress.ledger.epoch(epoch).add(taken)
+    return torch.from_numpy(keep)
+
+
+def _check_epoch(progress: Progress, epoch: int, expected: int) -> None:
+    """Every training sample once: as many distinct samples as the split holds, and as
+    many rows trained as distinct samples."""
+    done, rows = len(progress.ledger.epoch(epoch)), progress.ledger.rows[epoch]
+    if done != expected:
+        raise RuntimeError(f"epoch {epoch} trained {done} of {expected} training samples; "
+                           f"{expected - done} never arrived (an incomplete label cache?)")
+    if rows != done:
+        raise RuntimeError(f"epoch {epoch} trained {rows} rows for {done} samples")
+
+
+def _flush_rows(progress: Progress, device: torch.device) -> None:
+    """Add every rank's rows since the last flush to the ledger (a collective)."""
+    rows = int(_all_sum(torch.tensor([float(progress.rows)], dtype=torch.float64), device)[0])
+    progress.ledger.epoch(progress.epoch)
+    progress.ledger.rows[progress.epoch] += rows
+    progress.rows = 0
+
+
+def _save(engine: Any, progress: Progress, directory: str, rank: int, device: torch.device
+          ) -> None:
+    """DeepSpeed state (every rank) + the ledger and progress (rank 0)."""
     engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
-    ledger = Path(directory, "ledger")
-    ledger.mkdir(exist_ok=True)
-    for epoch, chunks in progress.consumed.items():
-        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
-        np.save(ledger / f"epoch{epoch:04d}-rank{rank:05d}.npy", ids)
+    _flush_rows(progress, device)
     if rank == 0:
+        Path(directory, LEDGER_FILE).write_bytes(progress.ledger.to_bytes())
         Path(directory, "progress.json").write_text(json.dumps(
             {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
              "tokens": progress.tokens}))
 
 
-def _restore(engine: Any, directory: str, rank: int) -> Progress:
+def _restore(engine: Any, directory: str) -> Progress:
     engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
     state = json.loads(Path(directory, "progress.json").read_text())
-    progress = Progress(step=state["step"], epoch=state["epoch"], samples=state["samples"],
-                        tokens=state["tokens"])
-    for own in sorted(Path(directory, "ledger").glob(f"epoch*-rank{rank:05d}.npy")):
-        epoch = int(own.name[len("epoch"):].split("-")[0])
-        progress.consumed[epoch] = [np.load(own, allow_pickle=False)]
-    return progress
+    ledger = Ledger.from_bytes(Path(directory, LEDGER_FILE).read_bytes())
+    return Progress(ledger, step=state["step"], epoch=state["epoch"], samples=state["samples"],
+                    tokens=state["tokens"])
