@@ -2,6 +2,8 @@
 
     raykd validate jobs/quickstart.yaml train.lr=1e-3
     raykd run jobs/quickstart.yaml run.name=try2
+    raykd resume runs/try2                       # after a crash or a lost driver
+    raykd label jobs/quickstart.yaml             # teacher only: fill the label cache
     raykd submit jobs/quickstart.yaml --address http://HEAD:8265   # then status/logs/stop/list
     raykd render-k8s jobs/smollm2-gpu.yaml --image REGISTRY/raykd:0.1.0 > rayjob.yaml
 
@@ -26,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help in (("run", "run a job (embedded Ray unless run.ray_address is set)"),
                        ("validate", "check a job file without starting Ray"),
+                       ("label", "run the teacher alone and fill the label cache"),
                        ("submit", "submit a job to a cluster's Ray Jobs API; prints its id"),
                        ("render-k8s", "print a KubeRay RayJob sized for the job")):
         p = sub.add_parser(name, help=help)
@@ -46,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--follow", action="store_true",
                            help="stream until the job ends; exit 0 only if it SUCCEEDED")
     _address(sub.add_parser("list", help="list the jobs on a cluster"))
+    p = sub.add_parser("resume", help="continue a run from its latest complete checkpoint")
+    p.add_argument("run_dir", help="the run directory (holds job.yaml)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.* only)")
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`submit JOB --address URL a.b=c`); argparse would
     # reject the ones after an option.
@@ -75,11 +81,14 @@ def _address(p: argparse.ArgumentParser) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     from raykd.config import load_job
 
-    if args.command not in ("run", "validate"):
+    if args.command not in ("run", "validate", "label", "resume"):
         from raykd.cluster.commands import HANDLERS
 
         return HANDLERS[args.command](args)
-    job = load_job(args.job, args.overrides)
+    if args.command == "resume":
+        job = _resumed_job(args.run_dir, args.overrides)
+    else:
+        job = load_job(args.job, args.overrides)
     if args.command == "validate":
         from raykd.preflight import preflight
 
@@ -89,14 +98,33 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{checks.teacher.vocab_size} tokens, student {job.student.num_layers} layers, "
               f"{job.train.num_workers} worker(s) x ZeRO-{job.train.zero_stage}")
         return 0
-    if args.command == "run":
+    if args.command in ("run", "resume"):
         from raykd.runner import run
 
         outcome = run(job, log=lambda line: print(line, flush=True))
         print(f"raykd: run directory {outcome.run_dir}")
         print(json.dumps(outcome.summary, indent=2))
         return 0 if outcome.summary.get("status") == "succeeded" else 1
+    if args.command == "label":
+        from raykd.runner import label_only
+
+        out = label_only(job, log=lambda line: print(line, flush=True))
+        print(json.dumps(out, indent=2))
+        return 0 if out["status"] == "succeeded" else 1
     raise AssertionError(args.command)
+
+
+def _resumed_job(run_dir: str, overrides: list[str]):  # noqa: ANN202
+    """The run's own job.yaml, pointed at wherever the run directory now is."""
+    from pathlib import Path
+
+    from raykd.config import load_job
+
+    path = Path(run_dir)
+    if not (path / "job.yaml").exists():
+        raise UserError(f"{run_dir}: not a run directory (no job.yaml)")
+    return load_job(path / "job.yaml", [f"run.output_dir={path.parent}", f"run.name={path.name}",
+                                        "run.resume=true", *overrides])
 
 
 def find_user_error(e: BaseException) -> UserError | None:
