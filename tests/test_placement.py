@@ -45,7 +45,16 @@ def cluster(tmp_path_factory):
         yield c, {role: {n.node_id for n in ns} for role, ns in nodes.items()}
     finally:
         ray.shutdown()
-        c.shutdown()
+        c.shutdown()  # kills exactly the processes of these nodes (never `ray stop`)
+    assert _processes_using(temp) == []
+
+
+def _processes_using(path) -> list[str]:
+    import psutil
+
+    return [f"{p.info['pid']}: {' '.join(p.info['cmdline'] or [])[:120]}"
+            for p in psutil.process_iter(["pid", "cmdline"])
+            if str(path) in " ".join(p.info["cmdline"] or [])]
 
 
 def test_replicas_and_workers_run_only_on_their_nodes(cluster, tmp_path):

@@ -127,6 +127,19 @@ def head(tmp_path_factory):
         yield h
     finally:
         h.stop()
+    # Nothing this head started (GCS, raylet, dashboard, job drivers) outlives it.
+    assert _processes_using(h.temp) == []
+
+
+def _processes_using(path: Path) -> list[str]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(path) in cmd:
+            found.append(f"{p.info['pid']}: {cmd[:120]}")
+    return found
 
 
 @pytest.fixture(scope="module")
