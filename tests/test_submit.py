@@ -266,6 +266,23 @@ def test_bad_job_file_is_refused_before_submission(head, client_home, tiny_job):
 
 
 @pytest.mark.ray
+def test_a_job_that_fails_on_the_cluster(head, client_home, tiny_job, tmp_path):
+    # Valid as a job file, so it is submitted; the cluster has no such data, so `raykd run`
+    # there fails with its one-line error, and following the job says so.
+    env = _clean_env(client_home)
+    missing = tmp_path / "nowhere" / "*.txt"
+    proc = raykd("submit", str(tiny_job), "run.name=nodata", f"data.source={missing}",
+                 "--address", head.url, env=env)
+    assert proc.returncode == 0, proc.stderr
+    logs = raykd("logs", "raykd-nodata", "--follow", "--address", head.url, env=env)
+    assert logs.returncode == 1
+    assert f"raykd: error: data.source: no files match {missing}" in logs.stdout
+    assert logs.stderr.strip().splitlines()[-1] == "raykd: raykd-nodata FAILED"
+    status = raykd("status", "raykd-nodata", "--address", head.url, env=env)
+    assert status.stdout.startswith("raykd-nodata: FAILED (")
+
+
+@pytest.mark.ray
 def test_token_auth(head, tmp_path, tiny_job):
     nobody = tmp_path / "home"  # no ~/.ray/auth_token, no token variables
     nobody.mkdir()
