@@ -84,7 +84,8 @@ def test_replicas_and_workers_run_only_on_their_nodes(cluster, tmp_path):
     actors = list_actors(address=c.webui_url and f"http://{c.webui_url}", detail=True,
                          limit=10_000, raise_on_missing_output=False)
     role = {n: r for r, ns in ids.items() for n in ns} | {c.head_node.node_id: "head"}
-    where = sorted((a.class_name, role.get(a.node_id, a.node_id), a.state) for a in actors)
+    where = sorted((a.class_name, role.get(a.node_id) or a.node_id or "never placed", a.state)
+                   for a in actors)
     # Only actors that were placed: the pool may ask for a second replica that never got a
     # free CPU on the teacher node before the data ran out (no node id, never ran).
     placed = [a for a in actors if a.node_id]

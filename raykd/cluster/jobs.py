@@ -75,7 +75,7 @@ def connect(address: str | None = None, timeout_s: float = 10.0) -> Cluster:
             client = JobSubmissionClient(addr.url, headers=token.headers())
         except AuthenticationError as e:
             raise refused(addr, token, str(e)) from None
-        except ConnectionError as e:
+        except OSError as e:  # refused, reset, TLS: the SDK's and requests' errors alike
             raise UserError(f"{addr.where}: cannot reach the Ray Jobs API "
                             f"({_first_line(e)})") from None
         except RuntimeError as e:  # e.g. a web server that is not a Ray dashboard
