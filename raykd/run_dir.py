@@ -63,7 +63,8 @@ def check_resumable(job: JobConfig) -> Path:
     before = yaml.safe_load((path / "job.yaml").read_text())
     now = to_dict(job)
     for key in _differences(before, now):
-        if key not in ("run.resume", "run.verbose", "run.ray_address", "run.num_cpus"):
+        if key not in ("run.resume", "run.verbose", "run.ray_address", "run.num_cpus",
+                       "run.output_dir"):
             raise UserError(f"{key}: differs from the run's job.yaml ({path}); resume the "
                             f"run as it was, e.g. `raykd resume {path}`")
     return path
@@ -79,6 +80,18 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 CHECKPOINT_POINTER = "checkpoint.json"
+EVENTS = "events.jsonl"
+
+
+def append_event(run_dir: Path, event: dict[str, Any]) -> None:
+    """events.jsonl: what happened to the run (worker-group starts and what they resumed)."""
+    with open(run_dir / EVENTS, "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / EVENTS
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:

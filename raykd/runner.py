@@ -215,14 +215,16 @@ class FirstEpoch:
         self.run_dir, self.storage_uri = run_dir, storage_uri
 
     def __call__(self) -> Any:
-        return pipeline.first_epoch(self.job, self.data, self.on_cluster, self.done())
+        pointer = rundir.latest_checkpoint(Path(self.run_dir))
+        done = self.done(pointer) if pointer else None
+        rundir.append_event(Path(self.run_dir), {
+            "event": "workers_start", "resume_step": pointer["step"] if pointer else 0,
+            "skipped": len(done) if done is not None else 0})
+        return pipeline.first_epoch(self.job, self.data, self.on_cluster, done)
 
-    def done(self) -> Any:
+    def done(self, pointer: dict[str, Any]) -> Any:
         from raykd import storage
 
-        pointer = rundir.latest_checkpoint(Path(self.run_dir))
-        if pointer is None:
-            return None
         fs, _ = storage.filesystem(self.storage_uri, "train.storage")
         with fs.open_input_file(f"{pointer['path']}/{LEDGER_FILE}") as f:
             ledger = Ledger.from_bytes(f.read())

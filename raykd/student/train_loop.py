@@ -14,12 +14,10 @@ in step and the loop ends on all ranks together.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,23 +25,11 @@ import torch
 import torch.distributed as dist
 
 from raykd.data import soft_labels
-from raykd.student.ledger import FILE as LEDGER_FILE
+from raykd.student import checkpoint as ckpt
+from raykd.student.checkpoint import Progress
 from raykd.student.ledger import Ledger, candidates, fresh_rows
 from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_mask
 
-CHECKPOINT_TAG = "deepspeed"
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    ledger: Ledger  # samples trained on, per epoch (identical on every rank)
-    step: int = 0
-    epoch: int = 0
-    samples: int = 0  # global, consumed
-    tokens: int = 0  # global, target tokens trained on
-    rows: int = 0  # this rank's rows trained in the current epoch since the last save
 
 
 @dataclass
@@ -107,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            progress = _restore(engine, d)
+            progress = ckpt.restore(engine, d)
 
     eval_rows = _rank_rows(ray.get(plan["eval_ref"]), rank, world)
     # The first epoch of this (re)start streams from the teacher pool (and cache); later
@@ -127,7 +113,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(base)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            _save(engine, progress, tmp, rank, device)
+            _flush_rows(progress, device)
+            ckpt.save(engine, progress, tmp, rank, job.run.name)
             if final:
                 from raykd.student.model import export, full_state_dict
 
@@ -345,23 +332,3 @@ def _flush_rows(progress: Progress, device: torch.device) -> None:
     progress.ledger.epoch(progress.epoch)
     progress.ledger.rows[progress.epoch] += rows
     progress.rows = 0
-
-
-def _save(engine: Any, progress: Progress, directory: str, rank: int, device: torch.device
-          ) -> None:
-    """DeepSpeed state (every rank) + the ledger and progress (rank 0)."""
-    engine.save_checkpoint(directory, tag=CHECKPOINT_TAG)
-    _flush_rows(progress, device)
-    if rank == 0:
-        Path(directory, LEDGER_FILE).write_bytes(progress.ledger.to_bytes())
-        Path(directory, "progress.json").write_text(json.dumps(
-            {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
-             "tokens": progress.tokens}))
-
-
-def _restore(engine: Any, directory: str) -> Progress:
-    engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-    state = json.loads(Path(directory, "progress.json").read_text())
-    ledger = Ledger.from_bytes(Path(directory, LEDGER_FILE).read_bytes())
-    return Progress(ledger, step=state["step"], epoch=state["epoch"], samples=state["samples"],
-                    tokens=state["tokens"])
