@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from raykd.data.soft_labels import LabelConfig
 from raykd.errors import ConfigError
