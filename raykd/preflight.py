@@ -22,6 +22,10 @@ class Preflight:
 
 def preflight(job: JobConfig) -> Preflight:
     files = storage.expand(job.data.sources, "data.source")
+    if job.train.storage:
+        storage.check_store(job.train.storage, "train.storage")
+    if job.labels.cache and job.labels.cache != "auto":
+        storage.check_store(job.labels.cache, "labels.cache")
     if job.data.max_files is not None:
         files.paths, files.names = files.paths[: job.data.max_files], files.names[: job.data.max_files]
     info = describe(job.teacher.model)

@@ -26,6 +26,7 @@ from raykd.config import JobConfig, to_dict
 from raykd.data.packing import load_tokenizer
 from raykd.errors import UserError
 from raykd.preflight import preflight
+from raykd.storage import check_store, filesystem, is_remote
 from raykd.student.ledger import FILE as LEDGER_FILE
 from raykd.student.ledger import Ledger
 from raykd.student.losses import target_mask
@@ -121,6 +122,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         f"{job.teacher.replicas.max}")
 
     storage = job.train.storage or str((path / "checkpoints").absolute())
+    storage_fs, storage_path = filesystem(storage, "train.storage")
     datasets = {"train": first_epoch if first_epoch is not None else
                 FirstEpoch(job, data, on_cluster, str(path), storage)}
     if job.train.epochs > 1:
@@ -144,16 +146,22 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         dataset_config=ExactSplit(),
         run_config=ray.train.RunConfig(
             name=job.run.name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs if is_remote(storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=[rundir.RunRecorder(str(path.absolute()))],
         ),
     )
     with rundir.Follower(path / "metrics.jsonl", total_steps, log):
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+        try:
+            result = trainer.fit()
+            error = result.error
+        except Exception as e:  # noqa: BLE001 - explained below when a store is to blame
+            error = e
+    if error is not None:
+        _blame_a_lost_store(job, storage, path)
+        raise error
     final = result.metrics or {}
     export_dir = path / "student"
     with result.checkpoint.as_directory() as ckpt:
@@ -186,6 +194,21 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         "pipelined": bool(final.get("labeled_at_max", 0) > final.get("first_step_time", 0) > 0),
         **{k: v for k, v in final.items() if k.startswith("epoch") and k.endswith("_s")},
     }
+
+
+def _blame_a_lost_store(job: JobConfig, storage_uri: str, path: Path) -> None:
+    """After a failed run: if a remote store it writes to is now gone, say so in one line
+    (the raw error is a Ray traceback about a worker or the controller)."""
+    for uri, key in ((storage_uri, "train.storage"), (job.labels.cache or "", "labels.cache")):
+        if not uri or not is_remote(uri):
+            continue
+        try:
+            check_store(uri, key)
+        except UserError as lost:
+            pointer = rundir.latest_checkpoint(path)
+            where = f"step {pointer['step']}" if pointer else "none yet"
+            raise UserError(f"{lost}; the run stopped (last complete checkpoint: {where}); "
+                            f"once the store is back, `raykd resume {path}`") from None
 
 
 def _mean_nll(rows: dict[str, np.ndarray]) -> float:

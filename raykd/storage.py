@@ -56,12 +56,62 @@ def filesystem(uri: str, key: str = "") -> tuple[pafs.FileSystem, str]:
     if not is_remote(uri):
         return pafs.LocalFileSystem(), local_path(uri, key)
     parts = urlsplit(uri)
+    path = f"{parts.netloc}{parts.path}".rstrip("/")
+    if parts.scheme == "s3":
+        return s3_filesystem(parts.query, key, uri), path
     root = f"{parts.scheme}://{parts.netloc}" + (f"?{parts.query}" if parts.query else "")
     try:
         fs, _ = pafs.FileSystem.from_uri(root)
     except (pa_errors() + (ValueError,)) as e:
         raise UserError(f"{key}: cannot open {uri}: {e}") from None
-    return fs, f"{parts.netloc}{parts.path}".rstrip("/")
+    return fs, path
+
+
+# Every S3 call gives up after S3_ATTEMPTS tries of S3_TIMEOUT_S each, so a lost store
+# fails a run within minutes, with a message, instead of hanging it.
+S3_ATTEMPTS = 3
+
+
+def s3_timeout_s() -> float:
+    return float(os.environ.get("RAYKD_S3_TIMEOUT_S", "30"))
+
+
+def s3_filesystem(query: str, key: str, uri: str) -> pafs.S3FileSystem:
+    """An S3 filesystem for `?endpoint_override=HOST:PORT&scheme=http&region=R` with bounded
+    retries and timeouts; credentials come from the AWS environment variables."""
+    from urllib.parse import parse_qs
+
+    q = {k: v[-1] for k, v in parse_qs(query).items()}
+    unknown = set(q) - {"endpoint_override", "scheme", "region"}
+    if unknown:
+        raise UserError(f"{key}: unsupported option {sorted(unknown)[0]!r} in {uri} "
+                        "(endpoint_override, scheme and region are understood)")
+    region = q.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return pafs.S3FileSystem(
+        endpoint_override=q.get("endpoint_override"), scheme=q.get("scheme", "https"),
+        region=region or ("us-east-1" if q.get("endpoint_override") else None),
+        connect_timeout=min(10.0, s3_timeout_s()), request_timeout=s3_timeout_s(),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+
+
+def check_store(uri: str, key: str) -> None:
+    """Fail fast, in one line, when a remote store for outputs is missing, unreachable or
+    refuses us: list it, then write and delete a marker."""
+    if not is_remote(uri):
+        return
+    fs, path = filesystem(uri, key)
+    bucket = path.split("/", 1)[0]
+    try:
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise UserError(f"{key}: bucket '{bucket}' of {uri} does not exist")
+        marker = f"{path}/.raykd-write-check"
+        with fs.open_output_stream(marker) as f:
+            f.write(b"ok")
+        fs.delete_file(marker)
+    except UserError:
+        raise
+    except pa_errors() as e:
+        raise UserError(f"{key}: cannot use {uri}: {_short(e)}") from None
 
 
 def pa_errors() -> tuple[type[BaseException], ...]:
