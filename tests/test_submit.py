@@ -280,6 +280,12 @@ def test_a_job_that_fails_on_the_cluster(head, client_home, tiny_job, tmp_path):
     assert logs.stderr.strip().splitlines()[-1] == "raykd: raykd-nodata FAILED"
     status = raykd("status", "raykd-nodata", "--address", head.url, env=env)
     assert status.stdout.startswith("raykd-nodata: FAILED (")
+    # Submitting a failed run again says how to continue it.
+    again = raykd("submit", str(tiny_job), "run.name=nodata", "--address", head.url, env=env)
+    assert one_line_error(again) == (
+        f"raykd: error: run.name: job raykd-nodata already exists on {head.url} (FAILED); "
+        f"to continue it, `ray job delete raykd-nodata --address {head.url}` and submit "
+        "again with run.resume=true; or choose another run.name, e.g. run.name=nodata-2")
 
 
 @pytest.mark.ray

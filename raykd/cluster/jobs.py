@@ -139,9 +139,15 @@ def submit(cluster: Cluster, job: JobConfig, job_file: str, project: Path | None
 
 
 def _duplicate(cluster: Cluster, job: JobConfig, status: Any) -> UserError:
-    return UserError(f"run.name: job {submission_id(job)} already exists on "
-                     f"{cluster.address.where} ({status}); choose another run.name, e.g. "
-                     f"run.name={job.run.name}-2")
+    sid = submission_id(job)
+    hint = f"choose another run.name, e.g. run.name={job.run.name}-2"
+    if str(status) in ("FAILED", "STOPPED"):
+        # The same run name is how a crashed run continues (Ray Train finds its state by
+        # name), so say how, instead of only pointing at a new name.
+        hint = (f"to continue it, `ray job delete {sid} --address {cluster.address.url}` and "
+                f"submit again with run.resume=true; or {hint}")
+    return UserError(f"run.name: job {sid} already exists on {cluster.address.where} "
+                     f"({status}); {hint}")
 
 
 # --------------------------------------------------------------------------- watch
