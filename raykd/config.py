@@ -98,6 +98,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         raise ConfigError("", "job file not found", source) from None
     except OSError as e:
         raise ConfigError("", f"cannot read job file: {e.strerror}", source) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not a YAML text file (byte {e.start} is not UTF-8)",
+                          source) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -127,6 +127,7 @@ class FileSet:
     fs: pafs.FileSystem
     paths: list[str]  # full paths on fs
     names: list[str]  # stable names relative to each pattern's fixed prefix (for sample ids)
+    sizes: list[int] = field(default_factory=list)  # bytes as listed, -1 unknown (preflight)
 
 
 def expand(patterns: list[str], key: str) -> FileSet:
@@ -134,6 +135,7 @@ def expand(patterns: list[str], key: str) -> FileSet:
     fs_seen: pafs.FileSystem | None = None
     paths: list[str] = []
     names: list[str] = []
+    sizes: list[int] = []
     for pattern in patterns:
         fs, path = filesystem(pattern, key)
         if fs_seen is not None and fs.type_name != fs_seen.type_name:
@@ -141,37 +143,47 @@ def expand(patterns: list[str], key: str) -> FileSet:
         fs_seen = fs
         found = _match(fs, path, pattern, key)
         if not found:
+            if not any(c in path for c in _GLOB_CHARS):
+                raise UserError(f"{key}: directory {pattern} holds no files")
             raise UserError(f"{key}: no files match {pattern}")
         base = _fixed_prefix(path)
-        for p in found:
+        for p, size in found:
             paths.append(p)
             names.append(Path(p).name if p == path else os.path.relpath(p, base))
+            sizes.append(size)
     assert fs_seen is not None
-    return FileSet(fs=fs_seen, paths=paths, names=names)
+    return FileSet(fs=fs_seen, paths=paths, names=names, sizes=sizes)
 
 
-def _match(fs: pafs.FileSystem, path: str, pattern: str, key: str) -> list[str]:
+def _match(fs: pafs.FileSystem, path: str, pattern: str, key: str) -> list[tuple[str, int]]:
+    """(path, size) of every file `pattern` names, sorted by path."""
     try:
         if not any(c in path for c in _GLOB_CHARS):
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File:
-                return [path]
+                return [(path, _size(info))]
             if info.type == pafs.FileType.NotFound:
                 raise UserError(f"{key}: {pattern} does not exist")
             return sorted(
-                i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                (i.path, _size(i))
+                for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                 if i.type == pafs.FileType.File and not Path(i.path).name.startswith(".")
             )
         base = _fixed_prefix(path)
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
         return sorted(
-            i.path for i in infos
+            (i.path, _size(i)) for i in infos
             if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path)
         )
     except UserError:
         raise
     except pa_errors() as e:
         raise UserError(f"{key}: cannot list {pattern}: {_short(e)}") from None
+
+
+def _size(info: pafs.FileInfo) -> int:
+    """Bytes in a listed file; -1 where the filesystem does not say (never "empty")."""
+    return info.size if info.size is not None else -1
 
 
 def _fixed_prefix(path: str) -> str:
