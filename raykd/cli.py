@@ -6,6 +6,8 @@
     raykd label jobs/quickstart.yaml             # teacher only: fill the label cache
     raykd submit jobs/quickstart.yaml --address http://HEAD:8265   # then status/logs/stop/list
     raykd render-k8s jobs/smollm2-gpu.yaml --image REGISTRY/raykd:0.1.0 > rayjob.yaml
+    raykd report runs/try2                       # report.html + plots in the run directory
+    raykd compare runs/try1 runs/try2 --out compare.png
 
 New features become job-file keys, not flags: every `key.sub=value` after the job file
 overrides the file.
@@ -52,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("resume", help="continue a run from its latest complete checkpoint")
     p.add_argument("run_dir", help="the run directory (holds job.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.* only)")
+    p = sub.add_parser("report", help="plot a run's metrics; writes report.html and PNGs "
+                       "into the run directory")
+    p.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
+    p = sub.add_parser("compare", help="print a table of runs' summaries and plot their eval "
+                       "perplexity")
+    p.add_argument("run_dirs", nargs="+", metavar="run_dir", help="run directories")
+    p.add_argument("--out", default="compare.png", help="the plot's path (default: %(default)s)")
     args, extra = parser.parse_known_args(argv)
     # Overrides may follow options (`submit JOB --address URL a.b=c`); argparse would
     # reject the ones after an option.
@@ -81,6 +90,8 @@ def _address(p: argparse.ArgumentParser) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     from raykd.config import load_job
 
+    if args.command in ("report", "compare"):
+        return _report(args)
     if args.command not in ("run", "validate", "label", "resume"):
         from raykd.cluster.commands import HANDLERS
 
@@ -112,6 +123,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0 if out["status"] == "succeeded" else 1
     raise AssertionError(args.command)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from raykd import report
+
+    if args.command == "report":
+        page, plots, text = report.write_report(args.run_dir)
+        print(text)
+        print(f"raykd: wrote {page} ({len(plots)} plots: "
+              f"{', '.join(p.name for p in plots.values()) or 'none'})")
+        return 0
+    table, plot = report.compare(args.run_dirs, args.out)
+    print(table)
+    print(f"raykd: wrote {plot}")
+    return 0
 
 
 def _resumed_job(run_dir: str, overrides: list[str]):  # noqa: ANN202
