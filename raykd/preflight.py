@@ -57,11 +57,17 @@ def check_local_dirs(job: JobConfig) -> None:
 
 def check_data(job: JobConfig, files: storage.FileSet) -> None:
     """Cheap checks of what packing will read, so that `raykd validate` catches them and
-    `raykd run` fails before Ray starts: not every file empty, and the first non-empty
-    file of each format has the text field (jsonl) or column (parquet). Packing still
-    checks every line of every file."""
+    `raykd run` fails before Ray starts: something is held out, not every file is empty,
+    and the first non-empty file of each format has the text field (jsonl) or column
+    (parquet). Packing still checks every line of every file."""
     from raykd.data.packing import detect_format
 
+    # DataConfig admits 0 for both, but every run and `raykd label` then stop after Ray
+    # started, at "no held-out sequences" (a run evaluates its student on them).
+    for key in ("eval_fraction", "eval_max_samples"):
+        if getattr(job.data, key) == 0:
+            raise ConfigError(f"data.{key}", "is 0, so nothing is held out to evaluate the "
+                              "student on; a run needs at least one held-out sequence")
     if files.sizes and not any(files.sizes):
         what = f"{files.paths[0]} is" if len(files.paths) == 1 else (
             f"all {len(files.paths)} files ({files.paths[0]}, ...) are")

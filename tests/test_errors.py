@@ -1,6 +1,7 @@
 """Bad input, through the real `raykd` command: each case must fail with exit code 2 and
 exactly one stderr line `raykd: error: ...` that names the key or file to fix, no traceback,
-and no run directory. Everything here fails before Ray starts (seconds per case)."""
+and nothing written (no run directory, no label cache). All but the xfail case fail before
+Ray starts, most in well under a second."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path) -> World
     data.mkdir()
     (data / "good.txt").write_text(Path(shakespeare("sonnets")).read_text()[:20_000])
     (data / "empty.txt").write_text("")
+    (root / "one-word.txt").write_text("Sonnet\n")  # one 3-token sequence: nothing held out
     (root / "empty-dir").mkdir()
     (data / "notext.jsonl").write_text(json.dumps({"body": "no text here"}) + "\n")
     import pyarrow as pa
@@ -132,6 +134,8 @@ CASES: dict[str, Case] = {
     "negative-lr": Case([*V, "train.lr=-1e-3"], "train.lr", "must be > 0"),
     "eval-fraction-range": Case([*V, "data.eval_fraction=1.5"], "data.eval_fraction",
                                 "must be in [0, 1)"),
+    "eval-fraction-zero": Case([*V, "data.eval_fraction=0"], "data.eval_fraction",
+                               "nothing is held out"),
     "init-layers-count": Case([*V, "student.init_from_teacher=true", "student.init_layers=[0]"],
                               "student.init_layers", "has 1 entries but num_layers is 4"),
     "init-layers-index": Case([*V, "student.init_from_teacher=true",
@@ -147,6 +151,13 @@ CASES: dict[str, Case] = {
                                       "no files match"),
     "data-empty-file": Case([*V, f"data.source={D}/empty.txt"], "empty.txt", "empty"),
     "data-empty-dir": Case([*V, "data.source={root}/empty-dir"], "empty-dir", "no files"),
+    "run-jsonl-without-text": Case([*R, f"data.source={D}/notext.jsonl"], "notext.jsonl",
+                                   "no 'text' field (data.text_key)"),
+    "data-too-short": Case([*R, "data.source={root}/one-word.txt"], "data.",
+                           "no held-out sequences", xfail=(
+        "found only by packing, after Ray started (its token-auth notice is a second stderr "
+        "line) and after pipeline.plan created the label cache in run.output_dir; needs "
+        "pipeline.plan to check the split before LabelCache.open()")),
     "jsonl-without-text": Case([*V, f"data.source={D}/notext.jsonl"], "notext.jsonl",
                                "no 'text' field (data.text_key)"),
     "parquet-without-text": Case([*V, f"data.source={D}/nocol.parquet"], "nocol.parquet",
@@ -207,11 +218,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name: str, world: World
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "RAYKD_S3_TIMEOUT_S": "2",
            "RAYKD_CACHE": str(world.root.parent / "raykd-cache")}
-    proc = raykd(args, env)
+    try:
+        proc = raykd(args, env)
+        after = snapshot(world.root)
+    finally:  # what a failing case wrote must not fail the cases after it
+        shutil.rmtree(world.runs, ignore_errors=True)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("raykd: error: "), proc.stderr[-3000:]
     assert case.names in lines[0] and case.words in lines[0], lines[0]
-    assert not world.runs.exists()
-    assert snapshot(world.root) == before, "a failed command wrote files"
+    assert after == before, f"a failed command wrote {sorted(set(after) - set(before))[:3]}"
