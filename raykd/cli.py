@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=help)
         p.add_argument("job", help="job file (YAML)")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name in ("run", "label"):
+            _progress(p)
         if name == "submit":
             _address(p)
         if name == "render-k8s":
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("resume", help="continue a run from its latest complete checkpoint")
     p.add_argument("run_dir", help="the run directory (holds job.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides (run.* only)")
+    _progress(p)
     p = sub.add_parser("report", help="plot a run's metrics; writes report.html and PNGs "
                        "into the run directory")
     p.add_argument("run_dir", help="the run directory (holds metrics.jsonl)")
@@ -82,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return UserError.exit_code
 
 
+def _progress(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the outcome (run.progress=quiet)")
+    g.add_argument("--plain", action="store_true",
+                   help="one progress line per report, no redrawing, e.g. for logs "
+                   "(run.progress=plain)")
+
+
 def _address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: "
                    "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
@@ -96,10 +108,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         from raykd.cluster.commands import HANDLERS
 
         return HANDLERS[args.command](args)
+    overrides = list(args.overrides)
+    if getattr(args, "quiet", False) or getattr(args, "plain", False):
+        overrides.append(f"run.progress={'quiet' if args.quiet else 'plain'}")
     if args.command == "resume":
-        job = _resumed_job(args.run_dir, args.overrides)
+        job = _resumed_job(args.run_dir, overrides)
     else:
-        job = load_job(args.job, args.overrides)
+        job = load_job(args.job, overrides)
+    quiet = job.run.progress == "quiet"
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, flush=True)
+
     if args.command == "validate":
         from raykd.preflight import preflight
 
@@ -112,14 +133,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("run", "resume"):
         from raykd.runner import run
 
-        outcome = run(job, log=lambda line: print(line, flush=True))
+        outcome = run(job, log=log)
         print(f"raykd: run directory {outcome.run_dir}")
         print(json.dumps(outcome.summary, indent=2))
         return 0 if outcome.summary.get("status") == "succeeded" else 1
     if args.command == "label":
         from raykd.runner import label_only
 
-        out = label_only(job, log=lambda line: print(line, flush=True))
+        out = label_only(job, log=log)
         print(json.dumps(out, indent=2))
         return 0 if out["status"] == "succeeded" else 1
     raise AssertionError(args.command)

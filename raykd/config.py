@@ -48,14 +48,25 @@ class RunOptions:
         "(after a crash or a lost driver); `raykd resume RUN_DIR` sets it."
     )
     verbose: bool = doc(False, "Forward Ray worker logs and Ray Data progress bars.")
+    progress: str = doc(
+        "auto", "How progress is shown: live (two lines redrawn in place), plain (one "
+        "teacher and one student line per report, for logs), quiet (only the outcome), "
+        "auto (live on a terminal, else plain); `--plain` / `--quiet` set it."
+    )
 
     def validate(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain directory name, got {self.name!r}")
         if self.resume and self.overwrite:
             raise ConfigError("resume", "cannot be combined with run.overwrite")
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError("progress", f"must be one of {', '.join(PROGRESS_MODES)}, "
+                              f"got {self.progress!r}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError("num_cpus", f"must be >= 1, got {self.num_cpus}")
+
+
+PROGRESS_MODES = ("auto", "live", "plain", "quiet")
 
 
 @dataclass

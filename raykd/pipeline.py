@@ -14,6 +14,8 @@ so a second epoch, or a second run with the same lineage, starts no teacher.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,7 +30,7 @@ from raykd.data.packing import PackFiles, PackSpec, empty_sequences
 from raykd.data.samples import Layout, SampleSet
 from raykd.errors import UserError
 from raykd.preflight import Preflight
-from raykd.storage import FileSet, local_path
+from raykd.storage import FileSet, is_remote, local_path
 from raykd.teacher.replica import TeacherReplica, resolve_dtype
 
 
@@ -43,6 +45,7 @@ class DataPlan:
     cached: SampleSet  # training samples the cache held when planned
     eval_from_cache: bool
     vocab_limit: int | None  # logits compared over this many tokens (student.vocab)
+    stats: str | None = None  # the run's PoolStats actor (raykd.telemetry), once started
 
 
 def plan(job: JobConfig, checks: Preflight, model_dir: str, on_cluster: bool,
@@ -58,17 +61,19 @@ def plan(job: JobConfig, checks: Preflight, model_dir: str, on_cluster: bool,
          for i, n in zip(order, layout.counts)] or [np.zeros(0, np.uint8)]).astype(bool)
     held = SampleSet.of(layout.total, np.nonzero(held_mask)[0])
     train = SampleSet.of(layout.total, np.nonzero(~held_mask)[0])
+    too_few = (f"data.source: {len(files.paths)} file(s) pack into only {layout.total} "
+               f"sequence(s) of {job.data.seq_len} tokens")
     if len(train) == 0:
-        raise UserError(f"data.source: no training sequences in {len(files.paths)} file(s) "
-                        "(empty files, or all held out by data.eval_fraction)")
-    cache = None
-    if job.labels.cache is not None:
-        lin = lineage(job, files, model_dir, checks.vocab_limit)
-        cache = LabelCache(cache_uri(job, lin), lin).open()
+        raise UserError(f"{too_few}, none left for training after data.eval_fraction="
+                        f"{job.data.eval_fraction}; add data or lower data.seq_len")
     chosen = held.indices()[: job.data.eval_max_samples]
     if len(chosen) == 0:
-        raise UserError("data.eval_fraction: no held-out sequences; raise data.eval_fraction "
-                        "or add data")
+        raise UserError(f"{too_few}, none held out for evaluation at data.eval_fraction="
+                        f"{job.data.eval_fraction}; add data or raise data.eval_fraction")
+    cache = None
+    uri = _cache_location(job, files, model_dir, checks, on_cluster, log)
+    if uri is not None:
+        cache = LabelCache(uri, lineage(job, files, model_dir, checks.vocab_limit)).open()
     p = DataPlan(files, spec, layout, train, {}, cache, SampleSet(layout.total), False,
                  checks.vocab_limit)
     p.eval_rows, p.eval_from_cache = _eval_rows(job, p, SampleSet.of(layout.total, chosen),
@@ -103,6 +108,23 @@ def lineage(job: JobConfig, files: FileSet, model_dir: str, vocab_limit: int | N
     )
 
 
+def _cache_location(job: JobConfig, files: FileSet, model_dir: str, checks: Preflight,
+                    on_cluster: bool, log: Callable[[str], None]) -> str | None:
+    """Where this job's label cache lives, or None. On a multi-node cluster, shards are
+    written and read by tasks on any node, so `auto` (a path on the driver's disk) would
+    scatter them: caching is then off unless labels.cache names shared storage."""
+    if job.labels.cache is None or job.teacher.colocated:  # co-located: nothing to cache
+        return None
+    if job.labels.cache == "auto" and on_cluster and not is_remote(job.run.output_dir):
+        import ray
+
+        if sum(1 for n in ray.nodes() if n["Alive"]) > 1:
+            log("raykd: labels.cache: auto would be a local path on a multi-node cluster; "
+                "caching is off (set labels.cache to s3://... or a shared filesystem)")
+            return None
+    return cache_uri(job, lineage(job, files, model_dir, checks.vocab_limit))
+
+
 def cache_uri(job: JobConfig, lin: Lineage) -> str:
     """labels.cache: auto -> <output_dir>/label-cache/<lineage key>."""
     if job.labels.cache == "auto":
@@ -113,26 +135,32 @@ def cache_uri(job: JobConfig, lin: Lineage) -> str:
 # --------------------------------------------------------------------------- datasets
 
 
-def _read(files: FileSet) -> Any:
+def _read(files: FileSet, only: list[str] | None = None) -> Any:
     import ray.data
 
-    return ray.data.read_binary_files(files.paths, include_paths=True, filesystem=files.fs,
-                                      override_num_blocks=len(files.paths))
+    paths = only if only is not None else files.paths
+    return ray.data.read_binary_files(paths, include_paths=True, filesystem=files.fs,
+                                      override_num_blocks=len(paths))
 
 
 def sequences(p: DataPlan, split: str, keep: SampleSet | None = None) -> Any:
-    """Packed sequences of one split (only those in `keep` when given): sample_id,
-    sample_index, input_ids (seq_len,), length."""
+    """Packed sequences of one split (only those in `keep` when given, and then only the
+    files holding them are read): sample_id, sample_index, input_ids (seq_len,), length."""
     import ray
 
+    only = None
+    if keep is not None and len(keep) < p.layout.total:
+        holders = np.unique(np.searchsorted(p.layout.offsets, keep.indices(), side="right") - 1)
+        only = [p.files.paths[i] for i in holders] or p.files.paths[:1]  # nothing to keep
     keep_arg = ray.put(keep) if keep is not None else None
     pack = PackFiles(p.spec, split, p.layout.offsets, keep_arg)
     # One file per call: a sequence's id depends on its file alone (see data.packing).
-    return _read(p.files).map_batches(pack, batch_size=1, batch_format="numpy")
+    return _read(p.files, only).map_batches(pack, batch_size=1, batch_format="numpy")
 
 
 def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
-          emit_nll: bool = False, pool: tuple[int, int] | None = None) -> Any:
+          emit_nll: bool = False, pool: tuple[int, int] | None = None,
+          stats: str | None = None) -> Any:
     """Add soft-label columns with an autoscaling pool of teacher replicas."""
     import ray.data
 
@@ -144,7 +172,8 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
     return ds.map_batches(
         TeacherReplica,
         fn_constructor_kwargs={"teacher": job.teacher, "labels": job.labels,
-                               "emit_nll": emit_nll, "vocab_limit": vocab_limit},
+                               "emit_nll": emit_nll, "vocab_limit": vocab_limit,
+                               "stats": stats},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         batch_size=job.teacher.batch_size,
         batch_format="numpy",
@@ -164,9 +193,11 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
     import ray.data
 
     todo = p.train - done if done is not None else p.train
+    if job.teacher.colocated:  # the students label their own batches
+        return sequences(p, "train", todo if done is not None else None)
     if p.cache is None:
         return label(job, sequences(p, "train", todo if done is not None else None),
-                     on_cluster, p.vocab_limit)
+                     on_cluster, p.vocab_limit, stats=p.stats)
     cached = p.cache.index().cached(p.layout.total)  # now: a restart finds what was written
     from_cache = todo & cached
     missing = todo - cached
@@ -176,7 +207,8 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
             CacheSource(p.cache.uri, p.cache.lineage, ray.put(from_cache))))
     if len(missing) or not parts:
         keep = missing if (len(from_cache) or done is not None) else None
-        labelled = label(job, sequences(p, "train", keep), on_cluster, p.vocab_limit)
+        labelled = label(job, sequences(p, "train", keep), on_cluster, p.vocab_limit,
+                         stats=p.stats)
         parts.append(write_through(p.cache, labelled))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
@@ -187,8 +219,10 @@ def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     import ray
     import ray.data
 
+    if job.teacher.colocated:
+        return sequences(p, "train")
     if p.cache is None:
-        return label(job, sequences(p, "train"), on_cluster, p.vocab_limit)
+        return label(job, sequences(p, "train"), on_cluster, p.vocab_limit, stats=p.stats)
     return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train)))
 
 
@@ -214,6 +248,11 @@ def _eval_rows(job: JobConfig, p: DataPlan, chosen: SampleSet, on_cluster: bool
     cols = collect(sequences(p, "eval", chosen), empty_sequences(job.data.seq_len))
     ds = ray.data.from_items([{k: v[i] for k, v in cols.items()}
                               for i in range(len(cols["sample_index"]))])
+    if job.teacher.colocated:
+        # Only the teacher's NLL is needed here: the students score their held-out KD
+        # against their own teacher, and a full-vocabulary top_k would be ~100 KB a token.
+        job = dataclasses.replace(job, labels=dataclasses.replace(
+            job.labels, top_k=min(job.labels.top_k, 8)))
     labelled = collect(label(job, ds, on_cluster, p.vocab_limit, emit_nll=True, pool=(1, 1)),
                        None)
     order = np.argsort(labelled["sample_index"], kind="stable")

@@ -3,6 +3,8 @@
     runs/<name>/
       job.yaml        the resolved job (every default filled in)
       metrics.jsonl   one JSON object per report from the workers
+      tensorboard/    the same curves as TensorBoard event files
+      events.jsonl    worker-group starts and what each resumed from
       summary.json    the outcome: status, steps, tokens, perplexities, wall time, export dir
       student/        the student in Hugging Face format, with the teacher's tokenizer
       checkpoints/    Ray Train checkpoints (unless train.storage points elsewhere)
@@ -14,10 +16,9 @@ import json
 import math
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from raykd.config import JobConfig, dump_yaml
 from raykd.errors import UserError
@@ -63,8 +64,8 @@ def check_resumable(job: JobConfig) -> Path:
     before = yaml.safe_load((path / "job.yaml").read_text())
     now = to_dict(job)
     for key in _differences(before, now):
-        if key not in ("run.resume", "run.verbose", "run.ray_address", "run.num_cpus",
-                       "run.output_dir"):
+        if key not in ("run.resume", "run.verbose", "run.progress", "run.ray_address",
+                       "run.num_cpus", "run.output_dir"):
             raise UserError(f"{key}: differs from the run's job.yaml ({path}); resume the "
                             f"run as it was, e.g. `raykd resume {path}`")
     return path
@@ -114,11 +115,17 @@ def _plain(value: Any) -> Any:
 
 class RunRecorder(UserCallback):  # type: ignore[misc,valid-type]
     """Ray Train callback (runs in the controller, on the driver's node): appends rank 0's
-    reported metrics to metrics.jsonl, and points checkpoint.json at each checkpoint once
-    Ray Train has committed it (all ranks uploaded), which is what a restart builds on."""
+    reported metrics to metrics.jsonl and to TensorBoard event files in tensorboard/, and
+    points checkpoint.json at each checkpoint once Ray Train has committed it (all ranks
+    uploaded), which is what a restart builds on.
 
-    def __init__(self, run_dir: str):
+    Rows with a held-out evaluation also carry the teacher's held-out loss and perplexity
+    (computed once by the driver), so that both curves sit side by side."""
+
+    def __init__(self, run_dir: str, teacher_eval_loss: float | None = None):
         self.run_dir = run_dir
+        self.teacher_eval_loss = teacher_eval_loss
+        self._tb: Any = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
                      ) -> None:
@@ -127,12 +134,50 @@ class RunRecorder(UserCallback):  # type: ignore[misc,valid-type]
         row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in row.items()}
+        if "eval_loss" in row and self.teacher_eval_loss is not None:
+            row["teacher_eval_loss"] = self.teacher_eval_loss
+            row["teacher_eval_ppl"] = math.exp(self.teacher_eval_loss)
         with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._tensorboard(row)
         if checkpoint is not None:
             write_json_atomic(Path(self.run_dir, CHECKPOINT_POINTER),
                               {"path": checkpoint.path, "step": row.get("step"),
                                "epoch": row.get("epoch")})
+
+    def _tensorboard(self, row: dict[str, Any]) -> None:
+        try:
+            if self._tb is None:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(self.run_dir, TENSORBOARD),
+                                         flush_secs=10)
+            step = int(row.get("step") or 0)
+            for key, value in row.items():
+                tag = tensorboard_tag(key)
+                if tag and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(tag, value, step, walltime=row.get("time"))
+            self._tb.flush()
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            return
+
+
+TENSORBOARD = "tensorboard"
+_NOT_CURVES = {"step", "epoch", "time", "labeled_at_max", "first_step_time", "samples",
+               "tokens", "teacher_tokens", "eval_tokens"}
+
+
+def tensorboard_tag(key: str) -> str | None:
+    """metrics.jsonl key -> TensorBoard tag, grouped as the report groups them."""
+    if key in _NOT_CURVES or (key.startswith("epoch") and key.endswith("_s")):
+        return None
+    if key.startswith("teacher_eval"):
+        return f"eval/{key}"
+    if key.startswith("eval_"):
+        return f"eval/student_{key[5:]}"
+    if key.startswith("teacher_") or key in ("replicas", "cache_hit_rate"):
+        return f"teacher/{key}"
+    return f"student/{key}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -143,50 +188,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         if line.strip():
             rows.append(json.loads(line))
     return rows
-
-
-class Follower:
-    """Prints a progress line for each new metrics.jsonl row while training runs."""
-
-    def __init__(self, path: Path, total_steps: int, printer: Callable[[str], None] = print):
-        self.path = path
-        self.total_steps = total_steps
-        self.printer = printer
-        self._stop = threading.Event()
-        self._seen = len(read_metrics(path))  # a resumed run prints only what is new
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._start = time.time()
-
-    def __enter__(self) -> "Follower":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._poll()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(1.0):
-            self._poll()
-
-    def _poll(self) -> None:
-        rows = read_metrics(self.path)
-        for row in rows[self._seen:]:
-            self.printer(format_progress(row, self.total_steps, time.time() - self._start))
-        self._seen = len(rows)
-
-
-def format_progress(row: dict[str, Any], total_steps: int, elapsed: float) -> str:
-    step = row.get("step", 0)
-    parts = [f"step {step:>5}/{total_steps}"]
-    if "loss" in row:
-        parts.append(f"loss {row['loss']:.3f} (kd {row['kd_loss']:.3f} ce {row['ce_loss']:.3f})")
-        parts.append(f"lr {row['lr']:.2e}")
-        parts.append(f"{row['tokens_per_s']:.0f} tok/s")
-    if "eval_ppl" in row:
-        parts.append(f"eval ppl {row['eval_ppl']:.1f}")
-    if step and total_steps and step < total_steps:
-        eta = elapsed / step * (total_steps - step)
-        parts.append(f"eta {eta:.0f}s")
-    return "  " + " | ".join(parts)

@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from raykd import pipeline
+from raykd import pipeline, telemetry
 from raykd import run_dir as rundir
+from raykd.progress import Follower
 from raykd.config import JobConfig, to_dict
 from raykd.data.packing import load_tokenizer
 from raykd.errors import UserError
@@ -57,14 +58,17 @@ def run(job: JobConfig, log: Callable[[str], None] = print, first_epoch: Any = N
     # Packing reads every file, so malformed data fails here, before anything is written.
     log("raykd: packing data and labelling the held-out set")
     data = pipeline.plan(job, checks, model_dir, on_cluster, log)
+    data.stats = telemetry.stats_name(job.run.name, started)
+    pool = telemetry.start(data.stats)
     path = job.run_dir if job.run.resume else rundir.create(job)
     pointer = rundir.latest_checkpoint(path) if job.run.resume else None
     log(f"raykd: run directory {path}" + (
         f" (resuming from step {pointer['step']})" if pointer else ""))
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(path)}
     try:
-        summary = _distill(job, data, model_dir, path, on_cluster, log, first_epoch)
+        summary = _distill(job, data, model_dir, path, on_cluster, log, first_epoch, pool)
     finally:
+        telemetry.stop(pool)
         summary["wall_s"] = round(time.time() - started, 1)
         rundir.write_json_atomic(path / "summary.json", summary)
     return Outcome(run_dir=path, summary=summary)
@@ -82,13 +86,20 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
     log("raykd: packing data and labelling the held-out set")
     data = pipeline.plan(job, checks, model_dir, on_cluster, log)
     assert data.cache is not None
+    data.stats = telemetry.stats_name(job.run.name, started)
+    pool = telemetry.start(data.stats)
     n_train = len(data.train)
     todo = n_train - len(data.cached)
+    labelling = time.time()
     if todo:
         log(f"raykd: labelling {todo} sequences with {job.teacher.replicas.min}-"
             f"{job.teacher.replicas.max} teacher replica(s)")
-        for _ in pipeline.first_epoch(job, data, on_cluster).iter_batches(batch_size=None):
-            pass
+        with Follower(None, 0, todo, job.run.progress, log, pool):
+            for _ in pipeline.first_epoch(job, data, on_cluster).iter_batches(batch_size=None):
+                pass
+    label_s = time.time() - labelling
+    labelled = telemetry.snapshot(pool) or {"tokens": todo * job.data.seq_len}
+    telemetry.stop(pool)
     index = data.cache.index()
     covered = len(index.cached(data.layout.total) & data.train)
     if covered == n_train:
@@ -100,12 +111,14 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
             "labelled_now": todo, "cached_before": len(data.cached),
             "shards": len(index.paths), "bytes": int(size),
             "bytes_per_token": round(size / max(tokens, 1), 1),
+            "label_s": round(label_s, 3),
+            "teacher_tokens_per_s": round(labelled["tokens"] / label_s, 1) if todo else None,
             "wall_s": round(time.time() - started, 1)}
 
 
 def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path,
-             on_cluster: bool, log: Callable[[str], None], first_epoch: Any = None
-             ) -> dict[str, Any]:
+             on_cluster: bool, log: Callable[[str], None], first_epoch: Any = None,
+             pool: Any = None) -> dict[str, Any]:
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -134,6 +147,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
                                     "vocab_limit": data.vocab_limit,
                                     "samples_total": data.layout.total,
                                     "train_samples": n_train,
+                                    "stats": data.stats,
                                     "eval_ref": ray.put(eval_rows)}},
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -150,10 +164,19 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
             storage_filesystem=storage_fs if is_remote(storage) else None,
             failure_config=ray.train.FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[rundir.RunRecorder(str(path.absolute()))],
+            callbacks=[rundir.RunRecorder(str(path.absolute()), teacher_eval_loss)],
         ),
     )
-    with rundir.Follower(path / "metrics.jsonl", total_steps, log):
+    # What the teacher will label: the cache's misses once, or every epoch without a cache.
+    to_label = (n_train - len(data.cached) if data.cache is not None
+                else n_train * job.train.epochs)
+    note = None
+    if job.teacher.colocated:
+        to_label, note = 0, "co-located: runs inside every student step"
+    elif first_epoch is not None:
+        to_label, note = 0, "labels given in memory"
+    with Follower(path / "metrics.jsonl", total_steps, to_label, job.run.progress, log, pool,
+                  note=note):
         try:
             result = trainer.fit()
             error = result.error
@@ -192,6 +215,8 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         "export_dir": str(export_dir),
         "checkpoint": result.checkpoint.path,
         "pipelined": bool(final.get("labeled_at_max", 0) > final.get("first_step_time", 0) > 0),
+        "teacher_tokens": final.get("teacher_tokens"),
+        "worker_peak_rss_mb": final.get("worker_peak_rss_mb"),
         **{k: v for k, v in final.items() if k.startswith("epoch") and k.endswith("_s")},
     }
 
@@ -312,6 +337,11 @@ def _init_ray(job: JobConfig) -> bool:
     import ray.data
 
     on_cluster = True
+    if not job.run.verbose:
+        # Ray announces its (sound) default of token auth for local clusters on stderr;
+        # for an embedded run that is noise between raykd's own lines.
+        logging.getLogger("ray._private.authentication.authentication_token_setup"
+                          ).setLevel(logging.ERROR)
     if not ray.is_initialized():
         address = job.run.ray_address or os.environ.get("RAY_ADDRESS")
         if address:

@@ -4,7 +4,8 @@ within 2 % of an uninterrupted run with the same seed.
 
 Each test runs the same tiny job (2 Ray Train workers under ZeRO-2, a teacher pool of one
 replica, ~190 sequences, checkpoints every 4 steps, label cache off so that the teacher
-really runs again after a restart) and injects one failure.
+really runs again after a restart) on a two-node local cluster (the teacher replica on
+its own node) and injects one failure.
 """
 
 from __future__ import annotations
@@ -34,13 +35,20 @@ FAULTS_ONCE = "/tmp/raykd-test-faults"
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
+    from ray.cluster_utils import Cluster
 
     shutil.rmtree(FAULTS_ONCE, ignore_errors=True)
     os.environ["RAYKD_FAULTS"] = "checkpoint_write:step=8:rank=1:run=crash-in-checkpoint"
     os.environ["RAYKD_FAULTS_ONCE"] = FAULTS_ONCE
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
+    # Students on the head, the teacher on its own node: a Train worker that took the
+    # teacher node's only CPU would leave the replica unschedulable (Ray Data then waits).
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "resources": {"student": 2}})
+    cluster.add_node(num_cpus=1, resources={"teacher": 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
     os.environ.pop("RAYKD_FAULTS")
 
 
@@ -48,14 +56,17 @@ def ray_cluster():
 def teacher_dir(tmp_path_factory) -> Path:
     from tests.tiny import make_llama
 
-    return make_llama(tmp_path_factory.mktemp("failures") / "teacher", layers=6, hidden=256,
-                      heads=4, kv_heads=2, intermediate=512)
+    # ~20 M parameters: the teacher is still labelling when the failures strike.
+    return make_llama(tmp_path_factory.mktemp("failures") / "teacher", layers=8, hidden=512,
+                      heads=8, kv_heads=4, intermediate=1024)
 
 
 def failure_job(teacher: Path, out: Path, name: str) -> dict:
     job = tiny_job(teacher, out, name, zero_stage=2, checkpoint_every=4, max_failures=3,
                    log_every=1)
     job["labels"] = {**job["labels"], "cache": None}
+    job["teacher"]["resources"] = {"teacher": 1}  # replicas only on the teacher node
+    job["train"]["resources"] = {"student": 1}
     job["run"]["seed"] = 7
     return job
 
@@ -94,13 +105,24 @@ def _cmdline(p) -> list[str]:
         return []
 
 
-def kill_when(run_dir: Path, step: int, marker: str, killed: list) -> threading.Thread:
-    """Kill one process matching `marker` once a checkpoint at `step` or later is committed."""
+def checkpointed(run_dir: Path, step: int) -> bool:
+    pointer = latest_checkpoint(run_dir) if run_dir.exists() else None
+    return bool(pointer and pointer["step"] >= step)
+
+
+def trained(run_dir: Path, step: int) -> bool:
+    from raykd.run_dir import read_metrics
+
+    return run_dir.exists() and any(r.get("step", 0) >= step
+                                    for r in read_metrics(run_dir / "metrics.jsonl"))
+
+
+def kill_when(ready, marker: str, killed: list) -> threading.Thread:
+    """Kill one process matching `marker` as soon as `ready()`."""
     def go() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            pointer = latest_checkpoint(run_dir) if run_dir.exists() else None
-            if pointer and pointer["step"] >= step:
+            if ready():
                 victims = ray_children(marker)
                 if victims:
                     victims[-1].send_signal(signal.SIGKILL)
@@ -118,7 +140,8 @@ def test_a_train_worker_killed_mid_epoch(ray_cluster, teacher_dir, tmp_path, bas
 
     job = failure_job(teacher_dir, tmp_path, "worker-killed")
     killed: list[int] = []
-    thread = kill_when(tmp_path / "worker-killed", 8, "ray::RayTrainWorker", killed)
+    thread = kill_when(lambda: checkpointed(tmp_path / "worker-killed", 8), "ray::RayTrainWorker",
+                       killed)
     s = run(job_from_dict(job), log=lambda _: None).summary
     thread.join(timeout=5)
     assert killed, "the run ended before a worker could be killed"
@@ -132,7 +155,9 @@ def test_a_teacher_replica_killed_mid_epoch(ray_cluster, teacher_dir, tmp_path, 
 
     job = failure_job(teacher_dir, tmp_path, "teacher-killed")
     killed: list[int] = []
-    thread = kill_when(tmp_path / "teacher-killed", 4, "MapBatches(TeacherReplica)", killed)
+    # As soon as the students train: the replica is mid-way through the epoch's labels.
+    thread = kill_when(lambda: trained(tmp_path / "teacher-killed", 1),
+                       "MapBatches(TeacherReplica)", killed)
     s = run(job_from_dict(job), log=lambda _: None).summary
     thread.join(timeout=5)
     assert killed, "the run ended before the teacher could be killed"
@@ -183,4 +208,39 @@ def test_the_driver_killed_then_resumed(ray_cluster, teacher_dir, tmp_path, base
     import json
 
     s = json.loads((run_dir / "summary.json").read_text())
+    check_exactly_once(s, job, baseline)
+
+
+def test_the_teacher_node_lost_mid_epoch(ray_cluster, teacher_dir, tmp_path, baseline):
+    from ray._private import state
+
+    from raykd.runner import run
+
+    # A spare teacher node stands by (as an autoscaler would add one); the node running
+    # the replica dies, with the labelled batches in its object store.
+    spare = ray_cluster.add_node(num_cpus=1, resources={"teacher": 1})
+    job = failure_job(teacher_dir, tmp_path, "node-lost")
+    run_dir = tmp_path / "node-lost"
+    lost: list[str] = []
+
+    def replica_nodes() -> set[str]:
+        return {a["Address"]["NodeID"] for a in state.actors().values()
+                if "TeacherReplica" in a.get("ActorClassName", "") and a["State"] == "ALIVE"}
+
+    def lose_the_replica_node() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            busy = replica_nodes()
+            if trained(run_dir, 1) and busy:
+                node = next(n for n in ray_cluster.worker_nodes if n.node_id in busy)
+                ray_cluster.remove_node(node, allow_graceful=False)
+                lost.append(node.node_id)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=lose_the_replica_node, daemon=True)
+    thread.start()
+    s = run(job_from_dict(job), log=lambda _: None).summary
+    thread.join(timeout=30)
+    assert lost, "the run ended before the teacher's node could be removed"
     check_exactly_once(s, job, baseline)

@@ -105,6 +105,24 @@ def test_distill_two_workers(ray_cluster, teacher_dir, tmp_path, zero_stage):
         assert key in json.loads((run_dir / "summary.json").read_text())
     assert (run_dir / "job.yaml").exists()
 
+    # What the teacher pool did, next to the students' curves: its throughput and size
+    # (from the replicas' own reports), the share of rows the cache served (none: the
+    # cache was empty), how long the students waited for data, and the teacher's held-out
+    # perplexity beside the student's. The same curves are in TensorBoard event files.
+    assert any((m.get("teacher_tokens_per_s") or 0) > 0 for m in train_rows)
+    # One replica while labelling; none once the pool finished the epoch and shut down.
+    assert max(m["replicas"] for m in train_rows) == 1
+    assert {m["replicas"] for m in train_rows} <= {0, 1}
+    assert all(m["cache_hit_rate"] == 0 and 0 <= m["data_wait_frac"] <= 1 for m in train_rows)
+    evals = [m for m in metrics if "eval_ppl" in m]
+    assert all(m["teacher_eval_ppl"] == pytest.approx(s["teacher_eval_ppl"]) for m in evals)
+    assert s["worker_peak_rss_mb"] > 100
+    tags = tensorboard_tags(run_dir / "tensorboard")
+    assert {"student/loss", "student/kd_loss", "student/ce_loss", "student/lr",
+            "student/tokens_per_s", "eval/student_ppl", "eval/teacher_eval_ppl",
+            "teacher/teacher_tokens_per_s", "teacher/replicas",
+            "teacher/cache_hit_rate"} <= tags
+
     # The export is an ordinary Hugging Face model with its tokenizer, and it generates.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,6 +132,41 @@ def test_distill_two_workers(ray_cluster, teacher_dir, tmp_path, zero_stage):
     ids = tok("Shall I compare thee", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def tensorboard_tags(directory: Path) -> set[str]:
+    """Scalar tags in TensorBoard event files (TFRecord framing: u64 length, u32 crc,
+    payload, u32 crc; each payload an Event protobuf)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    tags = set()
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + n])
+            tags |= {v.tag for v in event.summary.value}
+            at += 12 + n + 4
+    return tags
+
+
+def test_a_colocated_teacher_with_the_full_vocabulary(ray_cluster, teacher_dir, tmp_path):
+    """teacher.colocated: the students run the teacher themselves (the TRL way), here
+    with labels.top_k = the whole vocabulary, so the loss is the dense KL."""
+    from raykd.runner import run
+
+    raw = tiny_job(teacher_dir, tmp_path, "colocated", zero_stage=2, max_steps=6, log_every=2)
+    raw["teacher"]["colocated"] = True
+    raw["labels"]["top_k"] = 512
+    s = run(job_from_dict(raw), log=lambda _: None).summary
+    assert s["status"] == "succeeded" and s["steps"] == 6
+    assert s["student_eval_ppl"] < s["student_eval_ppl_start"]
+    assert s["label_cache"] is None and not (tmp_path / "label-cache").exists()
+    rows = [m for m in read_metrics(tmp_path / "colocated" / "metrics.jsonl") if "loss" in m]
+    assert all(m["kd_loss"] > 0 and np.isfinite(m["kd_loss"]) for m in rows)
 
 
 def test_max_steps_stops_early(ray_cluster, teacher_dir, tmp_path):

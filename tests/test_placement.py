@@ -21,10 +21,16 @@ pytestmark = pytest.mark.ray
 ROLE = "raykd.io/role"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports (all held until all are taken, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +40,10 @@ def cluster(tmp_path_factory):
 
     temp = tmp_path_factory.mktemp("ray")
     # Own ports throughout: other Ray instances on this machine hold Ray's defaults.
+    dashboard, agent = _free_ports(2)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": _free_port(), "dashboard_agent_listen_port": _free_port(),
+        "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,
         "temp_dir": str(temp), "object_store_memory": 200 * 2**20})
     nodes = {"teacher": [c.add_node(num_cpus=2, labels={ROLE: "teacher"})],
              "student": [c.add_node(num_cpus=1, labels={ROLE: "student"}) for _ in range(2)]}

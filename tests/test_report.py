@@ -102,19 +102,19 @@ def test_report_of_a_real_run_renders_in_a_browser(real_run: Path, tmp_path: Pat
     summary = json.loads((real_run / "summary.json").read_text())
     assert f"tiny: succeeded, {summary['steps']} steps" in proc.stdout
     assert f"teacher {summary['teacher_eval_ppl']:,.1f}" in proc.stdout
-    assert f"wrote {real_run / 'report.html'} (3 plots" in proc.stdout
-    for name in ("loss", "eval_ppl", "throughput"):
+    assert f"wrote {real_run / 'report.html'} (4 plots" in proc.stdout
+    for name in ("loss", "eval_ppl", "throughput", "replicas"):
         with Image.open(real_run / f"{name}.png") as img:
             assert img.format == "PNG" and img.size == (800, 360)
-    assert not (real_run / "replicas.png").exists()  # this raykd does not record the pool size
 
     page = (real_run / "report.html").read_text()
     check_self_contained(page)
     for section in (*SECTIONS, "job"):
         assert f'<section id="{section}">' in page
-    assert "no replicas column" in page
+    assert "no replicas column" not in page  # the run recorded its teacher pool
+    assert "teacher tokens/s" in page
     pngs = inlined_pngs(page)
-    assert len(pngs) == 3
+    assert len(pngs) == 4
     assert pngs[0] == (real_run / "loss.png").read_bytes()
     for data in pngs:
         assert Image.open(io.BytesIO(data)).size == (800, 360)

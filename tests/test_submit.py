@@ -37,10 +37,17 @@ RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_
             "RAY_AUTH_TOKEN_PATH")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are taken, or the OS
+    may hand the same port out twice (Ray refuses a head with two components on one)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -60,14 +67,14 @@ class Head:
         self.temp = root / "ray"
         self.home.mkdir()
         self.temp.mkdir()
-        self.dashboard_port = _free_port()
-        self.url = f"http://127.0.0.1:{self.dashboard_port}"
-        ports = {"--port": _free_port(), "--dashboard-port": self.dashboard_port}
         # Other Ray instances on this machine hold Ray's default ports; take free ones.
-        for flag in ("--node-manager-port", "--object-manager-port", "--ray-client-server-port",
-                     "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                     "--runtime-env-agent-port", "--metrics-export-port"):
-            ports[flag] = _free_port()
+        flags = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port",
+                 "--ray-client-server-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port")
+        ports = dict(zip(flags, _free_ports(len(flags))))
+        self.dashboard_port = ports["--dashboard-port"]
+        self.url = f"http://127.0.0.1:{self.dashboard_port}"
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host", "127.0.0.1",
                "--temp-dir", str(self.temp), "--num-cpus", "4", "--include-dashboard", "true",
                "--disable-usage-stats"]
@@ -321,7 +328,7 @@ def test_address_from_the_environment(head, client_home):
     env = _clean_env(client_home, RAY_ADDRESS=head.url)
     assert raykd("list", env=env).returncode == 0
     # --address wins over RAY_ADDRESS (Ray's SDK alone would use the variable).
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
     env = _clean_env(client_home, RAY_ADDRESS=closed)
     assert raykd("list", "--address", head.url, env=env).returncode == 0
     assert one_line_error(raykd("list", env=env)) == (
@@ -330,7 +337,7 @@ def test_address_from_the_environment(head, client_home):
 
 
 def test_unreachable_address_is_one_line(tmp_path, tiny_job):
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
     env = _clean_env(tmp_path)
     started = time.monotonic()
     for args in (("submit", str(tiny_job)), ("status", "raykd-x"), ("logs", "raykd-x"),

@@ -65,6 +65,7 @@ def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any) -> Iterator
     for path in paths:
         rows = cache.read_shard(path, keep)
         if len(rows["sample_index"]):
+            rows["from_cache"] = np.ones(len(rows["sample_index"]), dtype=np.int8)
             yield BlockAccessor.batch_to_block(rows)
 
 
@@ -77,7 +78,9 @@ class ShardWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["sample_index"]):
-            _cache(self.uri, self.lineage).write_shard(batch)
+            # from_cache says where a training row came from; a shard needs no such column.
+            _cache(self.uri, self.lineage).write_shard(
+                {k: v for k, v in batch.items() if k != "from_cache"})
         return batch
 
 

@@ -28,6 +28,7 @@ against a trained 4-layer student.
 Every batch also carries the packed sequence and bookkeeping columns:
 
     sample_id int64 (,)   input_ids int32 (L,)   length int32 (,)   labeled_at float64 (,)
+    from_cache int8 (,)   -- training rows: 1 when read from the label cache, 0 from a replica
     teacher_nll float32 (L,) -- eval rows only: the teacher's -log p(next token) at T = 1
 
 The encoding is self-describing: `decode` recognises it from the columns present.

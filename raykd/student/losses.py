@@ -80,6 +80,20 @@ def sparse_kl(
     return body + tail
 
 
+def dense_kl(student_logits: torch.Tensor, teacher_log_p: torch.Tensor, temperature: float,
+             kind: str = "forward_kl") -> torch.Tensor:
+    """Per-position KL over the full vocabulary: teacher_log_p (B, L, V) is
+    log softmax(z / T) of the teacher (a co-located teacher with labels.top_k = V).
+    Returns (B, L) float32."""
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = teacher_log_p.float()
+    if kind == "forward_kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    raise ValueError(f"unknown KL kind {kind!r}")
+
+
 def next_token_ce(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-position -log q(input_ids[t+1]) at T = 1; (B, L) float32, last position 0."""
     logits = student_logits[:, :-1].float()
@@ -100,7 +114,7 @@ def distill_loss(
     student_logits: torch.Tensor,
     input_ids: torch.Tensor,
     length: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     teacher_log_p: torch.Tensor,
     *,
     alpha: float,
@@ -110,7 +124,8 @@ def distill_loss(
 ) -> LossParts:
     """alpha * T^2 * KL + (1 - alpha) * CE, averaged over positions with a next token.
 
-    Shapes as in `sparse_kl`; input_ids (B, L); length (B,). Padding and the last real
+    Shapes as in `sparse_kl` (topk_ids None: teacher_log_p is over the full vocabulary,
+    see `dense_kl`); input_ids (B, L); length (B,). Padding and the last real
     position (no target) are masked out of both terms, so a batch of length-0 rows is a
     zero loss that still runs forward/backward (how ranks that ran out of data keep
     DeepSpeed's collectives in step).
@@ -118,8 +133,14 @@ def distill_loss(
     mask = target_mask(length, input_ids.shape[1]).float()
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0)
-    kd = (sparse_kl(student_logits, topk_ids, teacher_log_p, temperature, kind, teacher_log_tail)
-          * mask).sum() / denom if alpha > 0 else student_logits.new_zeros((), dtype=torch.float32)
+    if alpha <= 0:
+        kd = student_logits.new_zeros((), dtype=torch.float32)
+    else:
+        per_position = (dense_kl(student_logits, teacher_log_p, temperature, kind)
+                        if topk_ids is None else
+                        sparse_kl(student_logits, topk_ids, teacher_log_p, temperature, kind,
+                                  teacher_log_tail))
+        kd = (per_position * mask).sum() / denom
     ce = (next_token_ce(student_logits, input_ids) * mask).sum() / denom
     loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce
     return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens)

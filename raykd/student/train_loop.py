@@ -15,6 +15,7 @@ in step and the loop ends on all ranks together.
 from __future__ import annotations
 
 import os
+import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raykd import telemetry
 from raykd.data import soft_labels
 from raykd.student import checkpoint as ckpt
 from raykd.student.checkpoint import Progress
 from raykd.student.ledger import Ledger, candidates, fresh_rows
-from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_mask
+from raykd.student.losses import dense_kl, distill_loss, next_token_ce, sparse_kl, target_mask
 
 
 
@@ -41,6 +43,8 @@ class Window:
     ce: float = 0.0
     tokens: float = 0.0
     samples: int = 0
+    cached: int = 0  # of `samples`, rows read from the label cache
+    wait_s: float = 0.0  # spent waiting for the next batch (the labels' side is slower)
     started: float = field(default_factory=time.time)
 
 
@@ -89,6 +93,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=deepspeed_config(train, world), dist_init_required=False,
     )
 
+    colocated = None
+    if job.teacher.colocated:
+        from raykd.student.colocated import ColocatedTeacher
+
+        colocated = ColocatedTeacher(job, vocab_limit, device)
+
     progress = Progress(Ledger(plan["samples_total"]))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -104,11 +114,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         shards["later"] = ray.train.get_dataset_shard("later")
     labeled_at_max = 0.0
     first_step_time = None
+    pool = telemetry.find(plan.get("stats")) if rank == 0 else None
+    teacher_rate = telemetry.Rate()
 
     def report(metrics: dict[str, Any], save: bool = False, final: bool = False) -> None:
         base = {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
                 "tokens": progress.tokens, "time": time.time(),
-                "labeled_at_max": _all_max(labeled_at_max, device), **metrics}
+                "labeled_at_max": _all_max(labeled_at_max, device),
+                **teacher_rate.update(telemetry.snapshot(pool)), **metrics}
         if not save:
             ray.train.report(base)
             return
@@ -124,7 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(base, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(engine, eval_rows, job, device, vocab_size)
+        return evaluate(engine, eval_rows, job, device, vocab_size, colocated)
 
     if progress.step == 0 and checkpoint is None:
         report(evaluate_now())
@@ -136,14 +149,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.epoch = epoch
         epoch_started = time.time()
         shard = shards["train" if epoch == first_epoch else "later"]
-        batches = shard.iter_torch_batches(batch_size=train.micro_batch_size, drop_last=False)
+        batches = _timed(shard.iter_torch_batches(batch_size=train.micro_batch_size,
+                                                  drop_last=False), lambda: window)
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
             keep = _exactly_once(batch, progress, epoch, rank, world, train.micro_batch_size,
                                  device)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["length"] = batch["length"] * keep.to(device)  # length 0: trains nothing
-            labels = soft_labels.decode(batch, job.labels.temperature, device)
+            labels = (colocated(batch["input_ids"]) if colocated is not None else
+                      soft_labels.decode(batch, job.labels.temperature, device))
             logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
             parts = distill_loss(
                 logits, batch["input_ids"], batch["length"], labels.topk_ids, labels.log_p,
@@ -156,7 +171,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             n = int(keep.sum())
             progress.rows += n
-            if n:
+            if "from_cache" in batch:
+                window.cached += int(batch["from_cache"][keep.to(device)].sum())
+            if n and "labeled_at" in batch:
                 labeled_at_max = max(labeled_at_max, float(batch["labeled_at"][keep.to(device)].max()))
             tok = float(parts.tokens)
             window.loss += float(parts.loss.detach()) * tok
@@ -192,6 +209,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
+    # ru_maxrss is in KiB on Linux: memory must not grow with the dataset (bench/speed.py).
+    metrics["worker_peak_rss_mb"] = _all_max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, device)
     metrics.update({f"epoch{e}_s": round(s, 3) for e, s in epoch_seconds.items()})
     report(metrics, save=True, final=True)
 
@@ -200,8 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.device,
-             vocab_size: int) -> dict[str, float]:
-    """Held-out next-token loss (T = 1) and KD loss of the student, summed over ranks."""
+             vocab_size: int, colocated: Any = None) -> dict[str, float]:
+    """Held-out next-token loss (T = 1) and KD loss of the student, summed over ranks
+    (against the co-located teacher's labels when there is one)."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # ce*tokens, kd*tokens, tokens
     mb = job.train.micro_batch_size
@@ -214,10 +235,13 @@ def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.d
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
             mask = target_mask(batch["length"], batch["input_ids"].shape[1]).float()
-            labels = soft_labels.decode(batch, job.labels.temperature, device)
+            labels = (colocated(batch["input_ids"]) if colocated is not None else
+                      soft_labels.decode(batch, job.labels.temperature, device))
             ce = next_token_ce(logits, batch["input_ids"])
-            kd = sparse_kl(logits, labels.topk_ids, labels.log_p, job.labels.temperature,
-                           job.loss.kind, labels.log_tail)
+            kd = (dense_kl(logits, labels.log_p, job.labels.temperature, job.loss.kind)
+                  if labels.topk_ids is None else
+                  sparse_kl(logits, labels.topk_ids, labels.log_p, job.labels.temperature,
+                            job.loss.kind, labels.log_tail))
             sums += torch.stack([(ce * mask).sum(), (kd * mask).sum(), mask.sum()]).double().cpu()
     sums = _all_sum(sums, device)
     tokens = max(float(sums[2]), 1.0)
@@ -244,7 +268,9 @@ def _synced(batches: Any, empty: Any, device: torch.device) -> Iterator[dict[str
 
 def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
     """One row of length 0: contributes nothing, but runs the model like a real batch."""
-    seq, k = job.data.seq_len, min(job.labels.top_k, vocab_size)
+    # (A co-located teacher labels batches itself: its empty batch needs no wide columns.)
+    seq = job.data.seq_len
+    k = min(job.labels.top_k, vocab_size, 8 if job.teacher.colocated else vocab_size)
     labels = soft_labels.empty_label_columns(job.labels.encoding, 1, seq, k, vocab_size)
     return {
         "sample_id": torch.zeros(1, dtype=torch.int64),
@@ -252,8 +278,21 @@ def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
         "input_ids": torch.zeros(1, seq, dtype=torch.int32),
         "length": torch.zeros(1, dtype=torch.int32),
         "labeled_at": torch.zeros(1, dtype=torch.float64),
+        "from_cache": torch.zeros(1, dtype=torch.int8),
         **{name: torch.from_numpy(v) for name, v in labels.items()},
     }
+
+
+def _timed(batches: Any, window: Any) -> Iterator[Any]:
+    """`batches`, adding the time spent waiting for each one to the current window."""
+    it = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(it, None)
+        window().wait_s += time.perf_counter() - started
+        if batch is None:
+            return
+        yield batch
 
 
 def _rank_rows(rows: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
@@ -279,8 +318,12 @@ def _all_max(value: float, device: torch.device) -> float:
 def _window_metrics(window: Window, engine: Any, device: torch.device, progress: Progress
                     ) -> dict[str, float]:
     sums = _all_sum(torch.tensor([window.loss, window.kd, window.ce, window.tokens,
-                                  float(window.samples)], dtype=torch.float64), device)
+                                  float(window.samples), float(window.cached)],
+                                 dtype=torch.float64), device)
     elapsed = max(time.time() - window.started, 1e-9)
+    # The slowest-fed rank sets the pace: a large share spent waiting means the teacher
+    # pool (or the cache reader) cannot keep up, a small one that the students are the limit.
+    wait = _all_max(window.wait_s, device) / elapsed
     tokens = max(float(sums[3]), 1.0)
     progress.tokens += int(sums[3])
     progress.samples += int(sums[4])
@@ -290,6 +333,8 @@ def _window_metrics(window: Window, engine: Any, device: torch.device, progress:
         "ce_loss": float(sums[2]) / tokens,
         "lr": float(engine.get_lr()[0]),
         "tokens_per_s": float(sums[3]) / elapsed,
+        "data_wait_frac": min(wait, 1.0),
+        "cache_hit_rate": float(sums[5]) / max(float(sums[4]), 1.0),
         "samples": progress.samples,
         "tokens": progress.tokens,
     }

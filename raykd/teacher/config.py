@@ -51,6 +51,12 @@ class TeacherConfig:
         {}, "Ray node labels a replica's node must carry, e.g. {raykd.io/role: teacher} "
         "(KubeRay: workerGroupSpecs[].labels). Ignored on embedded Ray (one node)."
     )
+    colocated: bool = doc(
+        False, "Run the teacher's forward inside every student step, on the train workers "
+        "(the TRL / torchdistill way), instead of in a pool that streams labels; no label "
+        "cache. For comparison (bench/speed.py) and for teachers small enough to share a "
+        "worker. With labels.top_k equal to the vocabulary the KL is the dense one."
+    )
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -67,6 +73,9 @@ class TeacherConfig:
         for name, amount in self.resources.items():
             if amount <= 0:
                 raise ConfigError(f"resources.{name}", f"must be > 0, got {amount}")
+        if self.colocated and self.tp_size > 1:
+            raise ConfigError("colocated", "a co-located teacher runs on each train worker "
+                              "without tensor parallelism; set teacher.tp_size to 1")
         if self.num_cpus == 0 and self.num_gpus == 0:
             raise ConfigError("num_cpus", "a replica needs CPUs or GPUs; both are 0")
 

@@ -27,8 +27,11 @@ class TeacherReplica:
     """Ray Data UDF: packed sequences -> packed sequences + soft labels."""
 
     def __init__(self, teacher: TeacherConfig, labels: LabelConfig, emit_nll: bool = False,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, stats: str | None = None):
+        import ray
         import torch
+
+        from raykd import telemetry
 
         from raykd.teacher.loading import load_model, materialize
 
@@ -54,10 +57,16 @@ class TeacherReplica:
         self.vocab_size = vocab_limit or vocab
         self.labels = labels
         self.emit_nll = emit_nll
+        # The run's PoolStats (raykd.telemetry): teacher tokens/s and replicas alive.
+        self.stats = telemetry.find(stats)
+        self.replica_id = ray.get_runtime_context().get_actor_id() or ""
+        if self.stats is not None:
+            self.stats.hello.remote(self.replica_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        started = time.perf_counter()
         ids = torch.from_numpy(np.ascontiguousarray(batch["input_ids"])).long().to(self.device)
         # Right padding under a causal mask cannot change the logits of real positions,
         # so no attention mask is needed (and the fast SDPA path is kept).
@@ -67,6 +76,11 @@ class TeacherReplica:
             if self.emit_nll:
                 out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
         out["labeled_at"] = np.full((ids.shape[0],), time.time(), dtype=np.float64)
+        out["from_cache"] = np.zeros((ids.shape[0],), dtype=np.int8)
+        if self.stats is not None:
+            self.stats.add.remote(self.replica_id, int(ids.shape[0]),
+                                  int(np.asarray(batch["length"]).sum()),
+                                  time.perf_counter() - started)
         return {**batch, **out}
 
 

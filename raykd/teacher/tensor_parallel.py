@@ -77,24 +77,37 @@ class TPTeacher:
         threading.Thread(target=self._watch, daemon=True).start()
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device, torch.long)
-        header = torch.tensor(list(ids.shape), dtype=torch.long, device=self.device)
-        dist.broadcast(header, src=0)
-        dist.broadcast(ids, src=0)
-        with torch.no_grad():
-            return self.model(input_ids=ids).logits
+        try:
+            ids = input_ids.to(self.device, torch.long)
+            header = torch.tensor(list(ids.shape), dtype=torch.long, device=self.device)
+            dist.broadcast(header, src=0)
+            dist.broadcast(ids, src=0)
+            with torch.no_grad():
+                return self.model(input_ids=ids).logits
+        except RuntimeError:
+            # A collective can notice a dead rank ("connection closed by peer") before the
+            # watchdog does. Raised, that would be a user error that fails the dataset;
+            # exiting instead is an actor failure, which Ray Data retries.
+            deadline = time.time() + 5
+            while time.time() < deadline:
+                self._exit_if_a_rank_died()
+                time.sleep(0.1)
+            raise
 
     def _watch(self) -> None:
         while True:
-            dead = [c for c in self.children if c.poll() is not None]
-            if dead:
-                print(f"raykd: tensor-parallel rank pid {dead[0].pid} exited with "
-                      f"{dead[0].returncode}; replacing the whole replica", flush=True)
-                for c in self.children:
-                    if c.poll() is None:
-                        c.kill()
-                os._exit(75)  # an actor failure: Ray restarts it and retries the batch
+            self._exit_if_a_rank_died()
             time.sleep(0.5)
+
+    def _exit_if_a_rank_died(self) -> None:
+        dead = [c for c in self.children if c.poll() is not None]
+        if dead:
+            print(f"raykd: tensor-parallel rank pid {dead[0].pid} exited with "
+                  f"{dead[0].returncode}; replacing the whole replica", flush=True)
+            for c in self.children:
+                if c.poll() is None:
+                    c.kill()
+            os._exit(75)  # an actor failure: Ray restarts it and retries the batch
 
 
 def _rank_main(rank: int, world: int, port: int, model_dir: str, dtype: str, on_gpu: bool,

@@ -1,0 +1,133 @@
+"""Distillation quality: held-out perplexity of one student trained four ways.
+
+    python -m bench.quality [--plays 2] [--layers 8] [--out docs/quality.png]
+
+SmolLM2-135M-Instruct (30 layers) teaches a student with a quarter of its layers
+(default 8, the teacher's width and vocabulary) on Shakespeare. Every run has the same
+data, token budget (one epoch), schedule, seed and held-out set; only the signal differs:
+
+  ce_only          alpha = 0: next-token cross-entropy alone (no teacher in the loss)
+  kd_full_vocab    KL to the teacher's whole distribution (a co-located teacher with
+                   labels.top_k = the vocabulary: no labels stored, the exact target)
+  kd_topk_compact  raykd's default: top-64 labels, compact encoding, tail kept, streamed
+                   from the teacher pool through the label cache
+  kd_topk_init     as kd_topk_compact, the student initialised from every n-th teacher layer
+
+alpha = 0.5, T = 1 for the KD runs (the quickstart's settings). The student starts from
+random weights except in kd_topk_init. kd_topk_compact runs first and fills the label
+cache; ce_only and kd_topk_init then read it (the teacher is not run twice), which
+changes nothing in what the student sees. Prints a JSON summary, and plots every run's
+held-out perplexity against steps with the teacher's as a line (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from bench.common import SMOLLM2, TEXTS, report
+
+PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night"]
+
+
+def job(out: str, name: str, plays: list[str], layers: int, **over: dict) -> dict:
+    spec = {
+        "run": {"name": name, "output_dir": out, "seed": 0},
+        "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in plays], "seq_len": 128,
+                 "eval_fraction": 0.04, "eval_max_samples": 32},
+        "teacher": {"model": SMOLLM2, "batch_size": 8, "num_cpus": 1},
+        "labels": {"top_k": 64, "temperature": 1.0, "cache": f"{out}/label-cache"},
+        "student": {"num_layers": layers, "init_from_teacher": False},
+        "loss": {"alpha": 0.5, "kind": "forward_kl"},
+        "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 8,
+                  "micro_batch_size": 8, "epochs": 1, "lr": 1e-3, "warmup_steps": 5,
+                  "schedule": "cosine", "zero_stage": 2, "log_every": 10,
+                  "eval_every": 10},
+    }
+    for part, values in over.items():
+        spec[part] = {**spec[part], **values}
+    return spec
+
+
+RUNS = {
+    "kd_topk_compact": {},
+    "ce_only": {"loss": {"alpha": 0.0}},
+    "kd_topk_init": {"student": {"init_from_teacher": True}},
+    # The whole vocabulary as the target: the teacher runs inside the step (2 threads, the
+    # same 2 CPUs the pool and the student share in the streamed runs).
+    "kd_full_vocab": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
+                      "train": {"cpus_per_worker": 2}},
+}
+
+
+def plot(curves: dict[str, tuple[list[int], list[float]]], teacher_ppl: float, path: str
+         ) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (steps, ppl) in curves.items():
+        ax.plot(steps, ppl, marker="o", markersize=3, label=name)
+    ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1,
+               label=f"teacher ({teacher_ppl:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set_title("SmolLM2-135M -> 8-layer student on Shakespeare")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    import ray
+
+    from raykd.config import job_from_dict
+    from raykd.run_dir import read_metrics
+    from raykd.runner import run
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plays", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--out", default="docs/quality.png")
+    ap.add_argument("--only", nargs="*", default=list(RUNS))
+    args = ap.parse_args()
+    out = tempfile.mkdtemp(prefix="raykd-quality-")
+    plays = PLAYS[: args.plays]
+    results, curves = {}, {}
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        for name in args.only:
+            s = run(job_from_dict(job(out, name, plays, args.layers, **RUNS[name])),
+                    log=lambda line: print(line, flush=True)).summary
+            rows = [m for m in read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
+                    if "eval_ppl" in m]
+            curves[name] = ([m["step"] for m in rows], [m["eval_ppl"] for m in rows])
+            results[name] = {k: s[k] for k in ("student_eval_ppl", "student_eval_ppl_start",
+                                                "teacher_eval_ppl", "steps", "tokens",
+                                                "wall_s")}
+            print(json.dumps({name: results[name]}), flush=True)
+    finally:
+        ray.shutdown()
+    teacher = next(iter(results.values()))["teacher_eval_ppl"]
+    plot(curves, teacher, args.out)
+    ppl = {k: v["student_eval_ppl"] for k, v in results.items()}
+    ratios = {}
+    if {"ce_only", "kd_topk_compact"} <= set(ppl):
+        ratios["kd_topk_vs_ce_only"] = round(ppl["kd_topk_compact"] / ppl["ce_only"] - 1, 4)
+    if {"kd_full_vocab", "kd_topk_compact"} <= set(ppl):
+        ratios["kd_topk_vs_full_vocab"] = round(ppl["kd_topk_compact"] / ppl["kd_full_vocab"]
+                                                - 1, 4)
+    report("quality", {"plays": plays, "student_layers": args.layers, "runs": results,
+                       "relative_ppl": ratios, "plot": args.out,
+                       "goals": {"kd_topk_vs_ce_only": "<= -0.10",
+                                 "kd_topk_vs_full_vocab": "<= +0.01"}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Pipeline speed, side by side in one run on the same CPUs.
+
+    python -m bench.speed [--plays 1] [--seq-len 128]
+
+One workload: SmolLM2-135M-Instruct teaching the quickstart's 4-layer student on one
+Shakespeare play (~200 sequences of 128 tokens), top-64 compact labels. Every variant
+gets the same 2 CPUs. Epoch times are measured inside the train loop (first batch
+request to last step), teacher-only time around the labelling pass.
+
+  (a) teacher-only      label every sequence into an empty cache, train nothing
+  (b) student-only      one epoch on labels already in memory (no teacher)
+  (c) streamed          raykd: teacher pool (1 CPU) streaming to the student (1 CPU)
+  (d) label-then-train  (a) to storage, then one epoch reading it back (DistillKit's way)
+  (e) co-located        teacher forward inside each training step, one worker with both
+                        CPUs (TRL's / torchdistill's way)
+  (f) epoch 2           the second epoch of (c), reading the label cache
+
+Also: (b)'s student tokens/s over a plain torch loop on the same tensors in memory (same
+model, AdamW, one thread), and the train worker's peak RSS with 10x the data over 1x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import SMOLLM2, TEXTS, report
+
+PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night",
+         "othello", "hamlet", "lear", "richard_iii", "henry_v"]
+
+
+def job(out: str, name: str, plays: list[str], seq_len: int, **train) -> dict:
+    colocated = train.pop("colocated", False)
+    return {
+        "run": {"name": name, "output_dir": out},
+        "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in plays], "seq_len": seq_len,
+                 "eval_fraction": 0.02, "eval_max_samples": 8},
+        "teacher": {"model": SMOLLM2, "batch_size": 8, "num_cpus": 1, "colocated": colocated},
+        "student": {"num_layers": 4, "init_from_teacher": True},
+        "labels": {"cache": f"{out}/cache-{name}"},
+        "train": {"batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "log_every": 10,
+                  "cpus_per_worker": 2 if colocated else 1, **train},
+    }
+
+
+def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0) -> float:
+    """The student trained by a bare loop over in-memory tensors: the ceiling for (b)."""
+    import torch
+    from transformers import AutoConfig
+
+    from raykd.data import soft_labels
+    from raykd.student.config import StudentConfig
+    from raykd.student.losses import distill_loss
+    from raykd.student.model import build_student
+    from raykd.teacher.loading import load_model, materialize
+
+    torch.set_num_threads(1)
+    teacher_dir = materialize(SMOLLM2)
+    model = build_student(AutoConfig.from_pretrained(teacher_dir),
+                          StudentConfig(num_layers=4, init_from_teacher=True),
+                          load_model(teacher_dir, "float32", "cpu").state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens, spent, i = 0, 0.0, 0
+    n = len(rows["sample_index"])
+    while spent < seconds:
+        sel = slice(i % n, i % n + 8)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v[sel])) for k, v in rows.items()}
+        start = time.perf_counter()
+        labels = soft_labels.decode(batch, 1.0)
+        logits = model(input_ids=batch["input_ids"].long()).logits
+        parts = distill_loss(logits, batch["input_ids"], batch["length"], labels.topk_ids,
+                             labels.log_p, alpha=0.5, temperature=1.0,
+                             teacher_log_tail=labels.log_tail)
+        parts.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        spent += time.perf_counter() - start
+        tokens += int(parts.tokens)
+        i += 8
+    return tokens / spent
+
+
+def memory(out: str, plays: int) -> dict[str, float]:
+    """Train-worker peak RSS on 1x and 10x the data, tiny random models (only how the
+    worker's footprint grows with the data matters, and these train 10x in minutes)."""
+    from pathlib import Path
+
+    from raykd.config import job_from_dict
+    from raykd.runner import run
+    from tests.tiny import make_llama
+
+    teacher = make_llama(Path(out) / "tiny-teacher", layers=2, hidden=64)
+    rss = {}
+    for label, n in (("1x", max(1, plays // 10)), ("10x", plays)):
+        spec = {"run": {"name": f"mem{label}", "output_dir": out},
+                "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in PLAYS[:n]],
+                         "seq_len": 64, "eval_fraction": 0.01, "eval_max_samples": 8},
+                "teacher": {"model": str(teacher), "batch_size": 32},
+                "labels": {"top_k": 16, "cache": None},
+                "student": {"num_layers": 1},
+                "train": {"batch_size": 32, "micro_batch_size": 32, "log_every": 50}}
+        rss[label] = run(job_from_dict(spec), log=lambda _: None).summary["worker_peak_rss_mb"]
+    return rss
+
+
+def main() -> None:
+    import ray
+
+    from raykd.config import job_from_dict
+    from raykd.data.cache_source import CacheSource
+    from raykd.data.label_cache import LabelCache, Lineage
+    from raykd.data.samples import SampleSet
+    from raykd.pipeline import collect
+    from raykd.runner import label_only, run
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plays", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--memory-plays", type=int, default=10)
+    args = ap.parse_args()
+    plays = PLAYS[: args.plays]
+    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    quiet = lambda _: None  # noqa: E731
+    t: dict[str, float] = {}
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        # (a) teacher only, into its own cache.
+        a = label_only(job_from_dict(job(out, "a", plays, args.seq_len)), log=quiet)
+        t["a_teacher_only"] = a["label_s"]
+        cache = a["cache"]
+        lineage = Lineage.from_json(open(f"{cache}/lineage.json").read())
+        ids = np.unique(np.concatenate(LabelCache(cache, lineage).index().ids))
+        every = SampleSet.of(int(ids.max()) + 1, ids)
+        in_memory = ray.data.read_datasource(CacheSource(cache, lineage, every)).materialize()
+        # (b) student only, labels in memory.
+        b = run(job_from_dict(job(out, "b", plays, args.seq_len)), log=quiet,
+                first_epoch=in_memory).summary
+        t["b_student_only"] = b["epoch0_s"]
+        # (c) streamed, and (f) its second epoch from the cache it wrote.
+        c = run(job_from_dict(job(out, "c", plays, args.seq_len, epochs=2)), log=quiet).summary
+        t["c_streamed"] = c["epoch0_s"]
+        t["f_epoch2_from_cache"] = c["epoch1_s"]
+        # (d) label then train: (a) + one epoch from storage.
+        d = run(job_from_dict({**job(out, "d", plays, args.seq_len),
+                               "labels": {"cache": cache}}), log=quiet).summary
+        t["d_label_then_train"] = t["a_teacher_only"] + d["epoch0_s"]
+        # (e) co-located teacher.
+        e = run(job_from_dict(job(out, "e", plays, args.seq_len, colocated=True)),
+                log=quiet).summary
+        t["e_colocated"] = e["epoch0_s"]
+        plain = plain_torch_tokens_per_s(collect(in_memory, None))
+        rss = memory(out, args.memory_plays)
+    finally:
+        ray.shutdown()
+    b_tps = b["tokens"] / t["b_student_only"]
+    report("speed", {
+        "sequences": c["train_sequences"], "seq_len": args.seq_len, "seconds": t,
+        "c_over_max_a_b": round(t["c_streamed"] / max(t["a_teacher_only"], t["b_student_only"]), 3),
+        "d_over_c": round(t["d_label_then_train"] / t["c_streamed"], 3),
+        "e_over_c": round(t["e_colocated"] / t["c_streamed"], 3),
+        "epoch2_over_b": round(t["f_epoch2_from_cache"] / t["b_student_only"], 3),
+        "a_over_b": round(t["a_teacher_only"] / t["b_student_only"], 3),
+        "student_tokens_per_s_ray": round(b_tps, 1),
+        "student_tokens_per_s_plain_torch": round(plain, 1),
+        "ray_over_plain": round(b_tps / plain, 3),
+        "worker_peak_rss_mb": rss, "rss_10x_over_1x": round(rss["10x"] / rss["1x"], 3),
+        "goals": {"c_over_max_a_b": "<= 1.10", "d_over_c": ">= 1.6 when a ~ b",
+                  "epoch2_over_b": "<= 1.05", "ray_over_plain": ">= 0.90",
+                  "rss_10x_over_1x": "<= 1.10"},
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""What the teacher pool is doing, for the progress lines and metrics.jsonl.
+
+Teacher replicas live inside Ray Data's actor pool, out of reach of the driver and the
+Train workers, so each replica reports every labelled batch to one small named actor per
+run (fire-and-forget: a replica never waits on it). Rank 0 of the students and the
+driver's progress printer read it.
+
+    TeacherReplica --add(replica, rows, tokens, busy_s)--> PoolStats <--snapshot()-- rank 0
+                                                                     <--snapshot()-- Follower
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+NAMESPACE = "raykd"
+
+
+def stats_name(run_name: str, started: float) -> str:
+    # The start time keeps two runs with the same name on one cluster apart.
+    return f"raykd-pool-{run_name}-{int(started * 1000)}"
+
+
+class PoolStats:
+    """Counters of one run's teacher pool (a Ray actor, 0 CPUs)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.tokens = 0
+        self.busy_s = 0.0
+        self.replicas: dict[str, float] = {}  # replica actor id -> last report time
+        self.started = time.time()
+
+    def add(self, replica: str, rows: int, tokens: int, busy_s: float) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        self.busy_s += busy_s
+        self.replicas[replica] = time.time()
+
+    def hello(self, replica: str) -> None:
+        self.replicas.setdefault(replica, time.time())
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"time": time.time(), "rows": self.rows, "tokens": self.tokens,
+                "busy_s": self.busy_s, "replicas": _alive(list(self.replicas))}
+
+
+def _alive(actor_ids: list[str]) -> int:
+    """How many of these actors are alive, from the GCS actor table (Ray's state API
+    needs the dashboard, which embedded runs leave off)."""
+    if not actor_ids:
+        return 0
+    try:
+        from ray._private import state
+
+        table = state.actors()
+        return sum(1 for a in actor_ids if table.get(a, {}).get("State") == "ALIVE")
+    except Exception:  # noqa: BLE001 - a private API may move; then count who reported
+        return len(actor_ids)
+
+
+def start(name: str) -> Any:
+    """The run's PoolStats actor (created, or found after a driver restart)."""
+    import ray
+
+    actor = ray.remote(num_cpus=0, max_restarts=0)(PoolStats)
+    return actor.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                         lifetime=None).remote()
+
+
+def find(name: str | None) -> Any:
+    """The PoolStats actor `name`, or None (a replica outside a run, e.g. in a benchmark)."""
+    if not name:
+        return None
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def stop(actor: Any) -> None:
+    if actor is not None:
+        import ray
+
+        ray.kill(actor)
+
+
+def snapshot(actor: Any, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    if actor is None:
+        return None
+    import ray
+
+    try:
+        return ray.get(actor.snapshot.remote(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - telemetry must never fail a run
+        return None
+
+
+class Rate:
+    """Teacher tokens/s between two snapshots."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] | None = None
+
+    def update(self, snap: dict[str, Any] | None) -> dict[str, float]:
+        if snap is None:
+            return {}
+        out = {"teacher_tokens": float(snap["tokens"]), "replicas": float(snap["replicas"])}
+        if self.last is not None and snap["time"] > self.last["time"]:
+            out["teacher_tokens_per_s"] = ((snap["tokens"] - self.last["tokens"])
+                                           / (snap["time"] - self.last["time"]))
+        self.last = snap
+        return out
