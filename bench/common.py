@@ -6,8 +6,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +27,7 @@ def shakespeare_ids(play: str, n: int, seq_len: int, offset: int = 0) -> np.ndar
     from raykd.teacher.loading import materialize
 
     tok = load_tokenizer(materialize(SMOLLM2))
-    text = open(resolve_pkg(f"{TEXTS}/{play}_gut.txt"), errors="replace").read()
+    text = Path(resolve_pkg(f"{TEXTS}/{play}_gut.txt")).read_text(errors="replace")
     ids, _ = pack([tok(text)["input_ids"]], seq_len, tok.eos_token_id, tok.eos_token_id)
     if len(ids) < offset + n:
         raise ValueError(f"{play} has only {len(ids)} sequences of {seq_len}")

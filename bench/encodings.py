@@ -44,7 +44,8 @@ def main() -> None:
     teacher = load_model(model_dir, "float32", "cpu")
     ids = torch.from_numpy(shakespeare_ids("hamlet", args.sequences, 128, offset=50)).long()
     with torch.no_grad():
-        t_logits = torch.cat([teacher(input_ids=ids[i:i + 4]).logits for i in range(0, len(ids), 4)])
+        t_logits = torch.cat([teacher(input_ids=ids[i:i + 4]).logits
+                              for i in range(0, len(ids), 4)])
         cut = build_student(teacher.config, StudentConfig(num_layers=4, init_from_teacher=True),
                             teacher.state_dict()).eval()
         s_cut = torch.cat([cut(input_ids=ids[i:i + 4]).logits for i in range(0, len(ids), 4)])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -133,7 +134,7 @@ def main() -> None:
         a = label_only(job_from_dict(job(out, "a", plays, args.seq_len)), log=quiet)
         t["a_teacher_only"] = a["label_s"]
         cache = a["cache"]
-        lineage = Lineage.from_json(open(f"{cache}/lineage.json").read())
+        lineage = Lineage.from_json(Path(cache, "lineage.json").read_text())
         ids = np.unique(np.concatenate(LabelCache(cache, lineage).index().ids))
         every = SampleSet.of(int(ids.max()) + 1, ids)
         in_memory = ray.data.read_datasource(CacheSource(cache, lineage, every)).materialize()

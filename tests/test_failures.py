@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from raykd.config import job_from_dict
@@ -218,7 +217,7 @@ def test_the_teacher_node_lost_mid_epoch(ray_cluster, teacher_dir, tmp_path, bas
 
     # A spare teacher node stands by (as an autoscaler would add one); the node running
     # the replica dies, with the labelled batches in its object store.
-    spare = ray_cluster.add_node(num_cpus=1, resources={"teacher": 1})
+    ray_cluster.add_node(num_cpus=1, resources={"teacher": 1})
     job = failure_job(teacher_dir, tmp_path, "node-lost")
     run_dir = tmp_path / "node-lost"
     lost: list[str] = []

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from raykd.student.losses import (dense_kl, distill_loss, next_token_ce, sparse_kl,
-                                  target_mask)
+from raykd.student.losses import distill_loss, next_token_ce, sparse_kl, target_mask
 
 
 def _labels(teacher_logits: torch.Tensor, k: int, T: float):

@@ -11,8 +11,8 @@ import pytest
 
 from raykd.config import job_from_dict
 from raykd.data.packing import PackFiles
-from raykd.student.ledger import Ledger
 from raykd.run_dir import read_metrics
+from raykd.student.ledger import Ledger
 from tests.tiny import make_llama, shakespeare
 
 pytestmark = pytest.mark.ray

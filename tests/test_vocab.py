@@ -20,7 +20,8 @@ def models(tmp_path_factory, tiny_teacher) -> dict[str, Path]:
     make_tokenizer(other_tok, vocab_size=400)
     return {
         "same": make_llama(root / "same", layers=1, tokenizer_from=tiny_teacher),
-        "padded": make_llama(root / "padded", layers=1, vocab_size=520, tokenizer_from=tiny_teacher),
+        "padded": make_llama(root / "padded", layers=1, vocab_size=520,
+                             tokenizer_from=tiny_teacher),
         "foreign": make_llama(root / "foreign", layers=1, vocab_size=400, tokenizer_from=other_tok),
     }
 
