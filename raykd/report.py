@@ -216,7 +216,11 @@ def summary_rows(run: Run) -> list[tuple[str, str]]:
             ("wall time", _secs(s.get("wall_s"))),
             ("student tokens/s (median)", _num(run.median_tokens_per_s()))]
     if teacher_tps:  # only where the run's raykd records the teacher's side
-        rows.append(("teacher tokens/s (median)", _num(statistics.median(teacher_tps))))
+        # While it labelled: a pool that finished its epoch (or a cache that served every
+        # row) reports 0, which says nothing about its speed.
+        busy = [t for t in teacher_tps if t > 0]
+        rows.append(("teacher tokens/s (median while labelling)",
+                     _num(statistics.median(busy)) if busy else "— (nothing labelled)"))
     if replicas:
         rows.append(("teacher replicas (min – max)", f"{min(replicas):.0f} – {max(replicas):.0f}"))
     rows += [("loss (first → last)", f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "—"),

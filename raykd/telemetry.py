@@ -12,6 +12,7 @@ driver's progress printer read it.
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 NAMESPACE = "raykd"
@@ -100,17 +101,22 @@ def snapshot(actor: Any, timeout_s: float = 5.0) -> dict[str, Any] | None:
 
 
 class Rate:
-    """Teacher tokens/s between two snapshots."""
+    """Teacher tokens/s over the last `window_s` seconds of snapshots (a single second
+    between two polls often holds no finished batch, and would read 0)."""
 
-    def __init__(self) -> None:
-        self.last: dict[str, Any] | None = None
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self.history: deque[dict[str, Any]] = deque()
 
     def update(self, snap: dict[str, Any] | None) -> dict[str, float]:
         if snap is None:
             return {}
         out = {"teacher_tokens": float(snap["tokens"]), "replicas": float(snap["replicas"])}
-        if self.last is not None and snap["time"] > self.last["time"]:
-            out["teacher_tokens_per_s"] = ((snap["tokens"] - self.last["tokens"])
-                                           / (snap["time"] - self.last["time"]))
-        self.last = snap
+        self.history.append(snap)
+        while len(self.history) > 2 and snap["time"] - self.history[1]["time"] >= self.window_s:
+            self.history.popleft()
+        first = self.history[0]
+        if snap["time"] > first["time"]:
+            out["teacher_tokens_per_s"] = ((snap["tokens"] - first["tokens"])
+                                           / (snap["time"] - first["time"]))
         return out

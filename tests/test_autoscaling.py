@@ -2,15 +2,28 @@
 above teacher.replicas.min under load, never exceed max, land only on teacher nodes, and
 the teacher nodes go away when idle.
 
-`ray.cluster_utils.AutoscalingCluster` starts and stops with `ray stop --force`, which
-kills every Ray process of this user: this module must not run beside other Ray work
-(CI runs tests one at a time).
+`ray.cluster_utils.AutoscalingCluster` builds the fake-node autoscaling config; starting
+and stopping are our own, because its own run `ray stop --force`, which would kill every
+Ray on the machine. This head has its own temp dir and ports (the fake node provider is told
+the GCS port: it assumes 6379 otherwise, and its node launcher then blocks the autoscaler
+for good), and shutdown kills exactly the processes whose command line names that temp dir
+(the head's and the fake nodes' daemons) and their descendants (workers and agents, which
+retitle themselves `ray::...`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,20 +33,66 @@ TEACHER_NODE = {"resources": {"CPU": 1, "teacher": 1}, "node_config": {},
                 "min_workers": 0, "max_workers": 3}
 
 
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _processes_using(path: Path) -> list:
+    """The processes whose command line names `path`, and all their descendants."""
+    import psutil
+
+    found = {p.pid: p for p in psutil.process_iter(["pid", "cmdline"])
+             if str(path) in " ".join(p.info["cmdline"] or [])}
+    for p in list(found.values()):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update((c.pid, c) for c in p.children(recursive=True))
+    return list(found.values())
+
+
+def _kill_all(path: Path) -> list:
+    """Stop the processes of the Ray whose temp dir is `path`; returns any still alive."""
+    import psutil
+
+    stopped: dict[int, psutil.Process] = {}
+    for _ in range(5):  # again, for what a raylet started meanwhile
+        procs = [p for p in _processes_using(path) if p.pid not in stopped]
+        if not procs:
+            break
+        for p in procs:
+            stopped[p.pid] = p
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+    return [p for p in stopped.values() if p.is_running()] + _processes_using(path)
+
+
 @pytest.fixture(scope="module")
-def autoscaling_cluster():
+def autoscaling_cluster(tmp_path_factory):
     import ray
+    from ray._private.services import get_node_ip_address
     from ray.cluster_utils import AutoscalingCluster
 
     class Cluster(AutoscalingCluster):
         # Ray 2.60's wheel lacks fake_multi_node/example.yaml, which the base class reads;
         # build the same kind of config here instead.
         def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False,
-                             **config_kwargs):
+                             gcs_address=None, **config_kwargs):
             return {
                 "cluster_name": "raykd-fake", "max_workers": 3,
                 "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
-                             "disable_node_updaters": True, "disable_launch_config_check": True},
+                             "disable_node_updaters": True, "disable_launch_config_check": True,
+                             "gcs_address": gcs_address},
                 "available_node_types": {
                     **worker_node_types,
                     "ray.head.default": {"resources": head_resources, "node_config": {},
@@ -48,12 +107,36 @@ def autoscaling_cluster():
                 **config_kwargs,
             }
 
-    cluster = Cluster(head_resources={"CPU": 2}, worker_node_types={"teacher": TEACHER_NODE})
-    cluster.start()
-    ray.init(address="auto", log_to_driver=False)
-    yield
-    ray.shutdown()
-    cluster.shutdown()
+    port, dashboard, agent, metrics, client, manager, objects, runtime_env = _free_ports(8)
+    # The address the head's GCS gets (`ray start` picks the node IP the same way); the
+    # fake nodes, started by the autoscaler, join it there.
+    gcs = f"{get_node_ip_address()}:{port}"
+    cluster = Cluster(head_resources={"CPU": 2}, worker_node_types={"teacher": TEACHER_NODE},
+                      gcs_address=gcs)
+    root = tmp_path_factory.mktemp("autoscaling")
+    # Ray's socket paths live under the temp dir and must fit AF_UNIX's 107 bytes.
+    temp = Path(tempfile.mkdtemp(prefix="raykd-as-", dir="/tmp"))
+    (root / "autoscaling.json").write_text(json.dumps(cluster._config))
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head",
+           f"--autoscaling-config={root / 'autoscaling.json'}", "--num-cpus=2",
+           f"--temp-dir={temp}", f"--port={port}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+           f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
+           f"--node-manager-port={manager}", f"--object-manager-port={objects}",
+           f"--runtime-env-agent-port={runtime_env}", "--disable-usage-stats"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # No token auth: this head is for this test's driver alone.
+    env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="disabled")
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        ray.init(address=gcs, log_to_driver=False)
+        yield
+    finally:
+        ray.shutdown()
+        left = _kill_all(temp)
+    assert left == []
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _teacher_nodes() -> set[str]:

@@ -96,6 +96,12 @@ def test_pool_stats_and_the_teacher_rate():
     assert first == {"teacher_tokens": 2000.0, "replicas": 2.0}  # no rate from one snapshot
     second = rate.update({**snap, "tokens": 6000, "time": 102.0, "replicas": 2})
     assert second["teacher_tokens_per_s"] == pytest.approx(2000.0)
+    # Over the last 30 s window, not between the last two polls: a poll that saw no new
+    # batch does not read 0 while the window still holds progress.
+    third = rate.update({**snap, "tokens": 6000, "time": 103.0, "replicas": 2})
+    assert third["teacher_tokens_per_s"] == pytest.approx(4000 / 3)
+    stalled = rate.update({**snap, "tokens": 6000, "time": 140.0, "replicas": 2})
+    assert stalled["teacher_tokens_per_s"] == pytest.approx(0.0)
     assert rate.update(None) == {}
 
 

@@ -166,7 +166,7 @@ def test_report_draws_teacher_throughput_replicas_and_restarts(tmp_path: Path) -
     html = page.read_text()
     check_self_contained(html)
     assert len(inlined_pngs(html)) == 4
-    assert "<th>teacher tokens/s (median)</th><td>1,420</td>" in html
+    assert "<th>teacher tokens/s (median while labelling)</th><td>1,420</td>" in html
     assert "<th>teacher replicas (min – max)</th><td>1 – 3</td>" in html
     assert "<th>restarts</th><td>1</td>" in html
     assert text.startswith("auto: succeeded, 40 steps, 40,960 tokens in 2.5 min (1,110 tok/s")
