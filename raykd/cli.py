@@ -19,7 +19,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from raykd.errors import UserError
 

@@ -81,10 +81,8 @@ def type_name(tp: Any) -> str:
 def default_text(f: dataclasses.Field) -> str:
     if f.metadata.get("required"):
         return "required"
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    else:
-        value = f.default_factory()  # type: ignore[misc]
+    value = (f.default if f.default is not dataclasses.MISSING
+             else f.default_factory())  # type: ignore[misc]
     return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
 
 

@@ -28,7 +28,7 @@ class ConfigError(UserError):
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
 
-    def under(self, prefix: str) -> "ConfigError":
+    def under(self, prefix: str) -> ConfigError:
         """The same error with its key nested under `prefix`."""
         key = f"{prefix}.{self.key}" if self.key else prefix
         return ConfigError(key, self.message, self.source)

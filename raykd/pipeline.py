@@ -15,17 +15,22 @@ so a second epoch, or a second run with the same lineage, starts no teacher.
 from __future__ import annotations
 
 import dataclasses
-
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from raykd.config import JobConfig
 from raykd.data.cache_source import CacheSource, ShardWriter
-from raykd.data.label_cache import (LabelCache, Lineage, dataset_fingerprint,
-                                    model_fingerprint, tokenizer_fingerprint)
+from raykd.data.label_cache import (
+    LabelCache,
+    Lineage,
+    dataset_fingerprint,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from raykd.data.packing import PackFiles, PackSpec, empty_sequences
 from raykd.data.samples import Layout, SampleSet
 from raykd.errors import UserError

@@ -1,7 +1,8 @@
 """The two progress lines of `raykd run`: the teacher pool's and the students'.
 
     teacher   412/703 seqs labelled (59%) | 2,310 tok/s | 1 replica | cache hits 0%
-    student   step 40/88 | loss 3.214 (kd 2.10 ce 4.33) | lr 9.0e-04 | 1,180 tok/s | eta 3m10s | bound by: teacher (waits 41%)
+    student   step 40/88 | loss 3.214 (kd 2.10 ce 4.33) | lr 9.0e-04 | 1,180 tok/s | eta 3m10s
+              | bound by: teacher (waits 41%)
 
 `run.progress` picks how they are shown: `live` redraws both lines in place (a terminal),
 `plain` prints one pair per report of the workers (logs, `ray job logs`), `quiet` prints
@@ -17,8 +18,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from raykd import telemetry
 from raykd.run_dir import read_metrics
@@ -63,7 +65,7 @@ class Follower:
         self._start = time.time()
         self._rows_at_start: float | None = None
 
-    def __enter__(self) -> "Follower":
+    def __enter__(self) -> Follower:
         if self.mode != "quiet":
             self._thread.start()
         return self

@@ -92,7 +92,9 @@ def append_event(run_dir: Path, event: dict[str, Any]) -> None:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / EVENTS
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def latest_checkpoint(run_dir: Path) -> dict[str, Any] | None:

@@ -14,19 +14,20 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from raykd import pipeline, telemetry
 from raykd import run_dir as rundir
-from raykd.progress import Follower
 from raykd.config import JobConfig, to_dict
 from raykd.data.packing import load_tokenizer
 from raykd.errors import UserError
 from raykd.preflight import preflight
+from raykd.progress import Follower
 from raykd.storage import check_store, filesystem, is_remote
 from raykd.student.ledger import FILE as LEDGER_FILE
 from raykd.student.ledger import Ledger
@@ -239,7 +240,8 @@ def _blame_a_lost_store(job: JobConfig, storage_uri: str, path: Path) -> None:
 def _mean_nll(rows: dict[str, np.ndarray]) -> float:
     import torch
 
-    mask = target_mask(torch.as_tensor(np.array(rows["length"])), rows["input_ids"].shape[1]).numpy()
+    lengths = torch.as_tensor(np.array(rows["length"]))
+    mask = target_mask(lengths, rows["input_ids"].shape[1]).numpy()
     return float((rows["teacher_nll"] * mask).sum() / max(mask.sum(), 1))
 
 

@@ -12,7 +12,8 @@ epoch that none is missing (raykd.student.ledger).
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 

@@ -20,9 +20,10 @@ import dataclasses
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -59,12 +60,12 @@ class Lineage:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Lineage":
+    def from_json(cls, text: str | bytes) -> Lineage:
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: data.get(k) for k in names})
 
-    def differences(self, other: "Lineage") -> list[str]:
+    def differences(self, other: Lineage) -> list[str]:
         return [f.name for f in dataclasses.fields(self)
                 if getattr(self, f.name) != getattr(other, f.name)]
 
@@ -108,7 +109,7 @@ def model_fingerprint(model_path: str) -> str:
     for e in entries:
         name = e.path.rsplit("/", 1)[-1]
         if name == "config.json":
-            parts.append("config|" + _digest(open(e.path, "rb").read()))
+            parts.append("config|" + _digest(Path(e.path).read_bytes()))
         elif name.endswith((".safetensors", ".bin", ".gguf", ".pt")):
             parts.append(f"{name}|{file_fingerprint(fs, e.path)}")
     return _digest("\n".join(parts).encode())
@@ -120,7 +121,7 @@ def tokenizer_fingerprint(model_dir: str) -> str:
     for e in sorted(fs.get_file_info(pafs.FileSelector(model_dir)), key=lambda i: i.path):
         name = e.path.rsplit("/", 1)[-1]
         if name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
-            parts.append(f"{name}|{_digest(open(e.path, 'rb').read())}")
+            parts.append(f"{name}|{_digest(Path(e.path).read_bytes())}")
     return _digest("\n".join(parts).encode())
 
 
@@ -138,7 +139,7 @@ class LabelCache:
 
     # -- lineage
 
-    def open(self) -> "LabelCache":
+    def open(self) -> LabelCache:
         """Create the cache or check that the existing one has this job's lineage."""
         path = f"{self.root}/lineage.json"
         try:
@@ -171,7 +172,7 @@ class LabelCache:
                       if i.type == pafs.FileType.File and i.path.endswith(".parquet")
                       and not i.path.rsplit("/", 1)[-1].startswith("."))
 
-    def index(self) -> "CacheIndex":
+    def index(self) -> CacheIndex:
         """Which samples (dense sample_index) the complete shards hold."""
         paths = self.shard_paths()
         with ThreadPoolExecutor(16) as pool:
@@ -222,7 +223,7 @@ class LabelCache:
         self.fs.create_dir(f"{self.root}/eval", recursive=True)
         self._write_atomic(self.eval_path(rows["sample_index"]), table_bytes(rows, self.lineage))
 
-    def write_manifest(self, index: "CacheIndex", samples: int) -> None:
+    def write_manifest(self, index: CacheIndex, samples: int) -> None:
         manifest = {"lineage": json.loads(self.lineage.to_json()),
                     "shards": [p.rsplit("/", 1)[-1] for p in index.paths],
                     "samples": samples, "complete": True}

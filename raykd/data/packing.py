@@ -12,8 +12,9 @@ import functools
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 

@@ -40,7 +40,7 @@ class SampleSet:
             raise ValueError(f"{len(self.bits)} bytes cannot hold {self.total} bits")
 
     @classmethod
-    def of(cls, total: int, indices: np.ndarray) -> "SampleSet":
+    def of(cls, total: int, indices: np.ndarray) -> SampleSet:
         s = cls(total)
         s.add(indices)
         return s
@@ -59,20 +59,20 @@ class SampleSet:
     def __len__(self) -> int:
         return int(np.bitwise_count(self.bits).sum())
 
-    def __and__(self, other: "SampleSet") -> "SampleSet":
+    def __and__(self, other: SampleSet) -> SampleSet:
         return SampleSet(self.total, self.bits & other._same(self).bits)
 
-    def __or__(self, other: "SampleSet") -> "SampleSet":
+    def __or__(self, other: SampleSet) -> SampleSet:
         return SampleSet(self.total, self.bits | other._same(self).bits)
 
-    def __sub__(self, other: "SampleSet") -> "SampleSet":
+    def __sub__(self, other: SampleSet) -> SampleSet:
         return SampleSet(self.total, self.bits & ~other._same(self).bits)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, SampleSet) and other.total == self.total
                 and bool(np.array_equal(other.bits, self.bits)))
 
-    def _same(self, other: "SampleSet") -> "SampleSet":
+    def _same(self, other: SampleSet) -> SampleSet:
         if self.total != other.total:
             raise ValueError(f"sample sets over {self.total} and {other.total} sequences")
         return self
@@ -83,7 +83,7 @@ class SampleSet:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SampleSet":
+    def from_bytes(cls, data: bytes) -> SampleSet:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             return cls(int(z["total"]), z["bits"])
 

@@ -47,7 +47,8 @@ class StudentConfig:
                               "unset init_from_teacher and the size keys")
         if self.num_layers < 1:
             raise ConfigError("num_layers", f"must be >= 1, got {self.num_layers}")
-        for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        for name in ("hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(name, f"must be >= 1, got {value}")

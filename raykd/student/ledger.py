@@ -46,7 +46,7 @@ class Ledger:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Ledger":
+    def from_bytes(cls, data: bytes) -> Ledger:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             total = int(z["total"])
             ledger = cls(total)

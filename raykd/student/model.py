@@ -93,7 +93,8 @@ def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if rank != 0:
             return None
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in module.state_dict().items()}
+        return {k: v.detach().to("cpu", torch.float32).clone()
+                for k, v in module.state_dict().items()}
 
 
 def export(model_config: Any, state: dict[str, torch.Tensor], directory: str) -> None:

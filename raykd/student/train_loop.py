@@ -18,8 +18,9 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,6 @@ from raykd.student import checkpoint as ckpt
 from raykd.student.checkpoint import Progress
 from raykd.student.ledger import Ledger, candidates, fresh_rows
 from raykd.student.losses import dense_kl, distill_loss, next_token_ce, sparse_kl, target_mask
-
 
 
 @dataclass
@@ -150,7 +150,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         epoch_started = time.time()
         shard = shards["train" if epoch == first_epoch else "later"]
         batches = _timed(shard.iter_torch_batches(batch_size=train.micro_batch_size,
-                                                  drop_last=False), lambda: window)
+                                                  drop_last=False),
+                         lambda: window)  # noqa: B023 - the window of the moment, on purpose
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
             keep = _exactly_once(batch, progress, epoch, rank, world, train.micro_batch_size,
@@ -174,7 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if "from_cache" in batch:
                 window.cached += int(batch["from_cache"][keep.to(device)].sum())
             if n and "labeled_at" in batch:
-                labeled_at_max = max(labeled_at_max, float(batch["labeled_at"][keep.to(device)].max()))
+                newest = float(batch["labeled_at"][keep.to(device)].max())
+                labeled_at_max = max(labeled_at_max, newest)
             tok = float(parts.tokens)
             window.loss += float(parts.loss.detach()) * tok
             window.kd += float(parts.kd) * tok

@@ -18,9 +18,11 @@ class ReplicasConfig:
 
     def validate(self) -> None:
         if self.min < 1:
-            raise ConfigError("min", f"must be >= 1 (Ray Data pools cannot scale to 0), got {self.min}")
+            raise ConfigError("min", "must be >= 1 (Ray Data pools cannot scale to 0), "
+                              f"got {self.min}")
         if self.max < self.min:
-            raise ConfigError("max", f"must be >= teacher.replicas.min ({self.min}), got {self.max}")
+            raise ConfigError("max", f"must be >= teacher.replicas.min ({self.min}), "
+                              f"got {self.max}")
 
 
 @dataclass

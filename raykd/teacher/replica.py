@@ -32,7 +32,6 @@ class TeacherReplica:
         import torch
 
         from raykd import telemetry
-
         from raykd.teacher.loading import load_model, materialize
 
         if not teacher.on_gpu:
