@@ -214,7 +214,7 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
         keep = missing if (len(from_cache) or done is not None) else None
         labelled = label(job, sequences(p, "train", keep), on_cluster, p.vocab_limit,
                          stats=p.stats)
-        parts.append(write_through(p.cache, labelled))
+        parts.append(write_through(p.cache, labelled, job.teacher.replicas.max))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
@@ -231,10 +231,21 @@ def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train)))
 
 
-def write_through(cache: LabelCache, labelled: Any) -> Any:
-    # One shard per teacher batch (each block is one); light tasks beside the pool.
-    return labelled.map_batches(ShardWriter(cache.uri, cache.lineage), batch_size=None,
-                                batch_format="numpy", num_cpus=0.25)
+def write_through(cache: LabelCache, labelled: Any, replicas_max: int = 1) -> Any:
+    """One shard per teacher batch (each block is one), written by light long-lived
+    actors beside the pool. Actors, not tasks: with more workers alive than CPUs (the
+    pool, the students, Ray Train's and Ray Data's own actors) Ray ends an idle task
+    worker after a second, so a write task per batch started a fresh Python process per
+    batch, whose imports took a third of a core from the teacher and the students."""
+    import ray.data
+
+    return labelled.map_batches(ShardWriter, fn_constructor_args=(cache.uri, cache.lineage),
+                                compute=ray.data.ActorPoolStrategy(min_size=1,
+                                                                   max_size=replicas_max),
+                                # No CPU reserved: a write is milliseconds of work a batch,
+                                # and a reserved fraction could leave too little for the read
+                                # task feeding the teacher on a small machine (a deadlock).
+                                batch_size=None, batch_format="numpy", num_cpus=0)
 
 
 # --------------------------------------------------------------------------- held-out set

@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - ray is a hard dependency
     Datasource = object  # type: ignore[misc,assignment]
 
 
+SHARDS_PER_READ_TASK = 32
+
+
 class CacheSource(Datasource):  # type: ignore[misc,valid-type]
     """Cached rows whose sample_index is in `wanted` (a SampleSet or an ObjectRef to one)."""
 
@@ -45,7 +48,10 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
         from ray.data.datasource import ReadTask
 
         paths = LabelCache(self.uri, self.lineage).shard_paths()
-        n = max(1, min(parallelism, len(paths)))
+        # A read task is a worker process, often a freshly started one (Ray ends idle
+        # task workers quickly when many actors are alive), and a shard is one teacher
+        # batch: one task per shard spent more CPU on Python start-up than on reading.
+        n = max(1, min(parallelism, -(-len(paths) // SHARDS_PER_READ_TASK)))
         tasks = []
         for group in (paths[i::n] for i in range(n)):
             if group:
@@ -71,20 +77,14 @@ def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any) -> Iterator
 
 
 class ShardWriter:
-    """Ray Data UDF: writes each block it sees as one cache shard, passes it on unchanged."""
+    """Ray Data UDF (an actor): writes each block it sees as one cache shard, passes it on
+    unchanged."""
 
     def __init__(self, uri: str, lineage: Lineage):
-        self.uri = uri
-        self.lineage = lineage
+        self.cache = LabelCache(uri, lineage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["sample_index"]):
             # from_cache says where a training row came from; a shard needs no such column.
-            _cache(self.uri, self.lineage).write_shard(
-                {k: v for k, v in batch.items() if k != "from_cache"})
+            self.cache.write_shard({k: v for k, v in batch.items() if k != "from_cache"})
         return batch
-
-
-@functools.lru_cache(maxsize=4)
-def _cache(uri: str, lineage: Lineage) -> LabelCache:
-    return LabelCache(uri, lineage)
