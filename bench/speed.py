@@ -4,8 +4,10 @@
 
 One workload: SmolLM2-135M-Instruct teaching the quickstart's 4-layer student on one
 Shakespeare play (~200 sequences of 128 tokens), top-64 compact labels. Every variant
-gets the same 2 CPUs. Epoch times are measured inside the train loop (first batch
-request to last step), teacher-only time around the labelling pass.
+gets the same 2 CPUs. Epoch times are measured inside the train loop (from the start of
+the epoch's loop to its last step; a streamed run asks for its first batch when the
+worker starts, so the teacher pool starts while the student builds its model),
+teacher-only time around the labelling pass.
 
   (a) teacher-only      label every sequence into an empty cache, train nothing
   (b) student-only      one epoch on labels already in memory (no teacher)

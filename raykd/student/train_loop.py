@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job = job_from_dict(config["job"])
     plan = config["plan"]
     train = job.train
+    # Ask for the first batch now, in the background: on a fresh run it waits for the
+    # teacher pool to start (processes, model load, a first batch), which then overlaps
+    # this worker's own start (model build, DeepSpeed, the first evaluation).
+    first_batches = (_EarlyStart(ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=train.micro_batch_size, drop_last=False))
+        if ray.train.get_checkpoint() is None else None)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", ctx.get_local_rank()) if train.use_gpu else torch.device("cpu")
@@ -149,8 +156,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         progress.epoch = epoch
         epoch_started = time.time()
         shard = shards["train" if epoch == first_epoch else "later"]
-        batches = _timed(shard.iter_torch_batches(batch_size=train.micro_batch_size,
-                                                  drop_last=False),
+        if epoch == first_epoch and first_batches is not None:
+            epoch_batches = first_batches
+        else:
+            epoch_batches = shard.iter_torch_batches(batch_size=train.micro_batch_size,
+                                                     drop_last=False)
+        batches = _timed(epoch_batches,
                          lambda: window)  # noqa: B023 - the window of the moment, on purpose
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
@@ -283,6 +294,35 @@ def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
         "from_cache": torch.zeros(1, dtype=torch.int8),
         **{name: torch.from_numpy(v) for name, v in labels.items()},
     }
+
+
+class _EarlyStart:
+    """Iterates `batches`, having fetched the first one in a background thread since it
+    was made (errors are raised here, in the loop, as they would have been)."""
+
+    _END = object()
+
+    def __init__(self, batches: Any):
+        self._it = iter(batches)
+        self._first: Any = self._END
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch, name="raykd-first-batch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it, self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consuming thread
+            self._error = e
+
+    def __iter__(self) -> Iterator[Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is not self._END:
+            yield self._first
+            yield from self._it
 
 
 def _timed(batches: Any, window: Any) -> Iterator[Any]:
