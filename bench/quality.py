@@ -13,6 +13,9 @@ data, token budget (one epoch), schedule, seed and held-out set; only the signal
                    from the teacher pool through the label cache
   kd_topk_init     as kd_topk_compact, the student initialised from every n-th teacher layer
 
+and, on request (--only kd_topk_alpha1 kd_full_vocab_alpha1), the two KD runs with all the
+weight on the teacher (alpha = 1, no cross-entropy term).
+
 alpha = 0.5, T = 1 for the KD runs (the quickstart's settings). The student starts from
 random weights except in kd_topk_init. kd_topk_compact runs first and fills the label
 cache; ce_only and kd_topk_init then read it (the teacher is not run twice), which
@@ -57,6 +60,8 @@ RUNS = {
     "kd_topk_init": {"student": {"init_from_teacher": True}},
     # All weight on the teacher's distribution (alpha = 1), otherwise as kd_topk_compact.
     "kd_topk_alpha1": {"loss": {"alpha": 1.0}},
+    "kd_full_vocab_alpha1": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
+                             "train": {"cpus_per_worker": 2}, "loss": {"alpha": 1.0}},
     # The whole vocabulary as the target: the teacher runs inside the step (2 threads, the
     # same 2 CPUs the pool and the student share in the streamed runs).
     "kd_full_vocab": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
@@ -101,7 +106,7 @@ def main() -> None:
     ap.add_argument("--plays", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="docs/quality.png")
-    ap.add_argument("--only", nargs="*", default=[r for r in RUNS if r != "kd_topk_alpha1"])
+    ap.add_argument("--only", nargs="*", default=[r for r in RUNS if "alpha1" not in r])
     ap.add_argument("--results", default="docs/quality.json",
                     help="results of earlier invocations are kept and plotted too")
     ap.add_argument("--plot-only", action="store_true", help="replot --results, run nothing")
@@ -139,6 +144,9 @@ def main() -> None:
         ratios["kd_topk_vs_ce_only"] = round(ppl["kd_topk_compact"] / ppl["ce_only"] - 1, 4)
     if {"ce_only", "kd_topk_alpha1"} <= set(ppl):
         ratios["kd_topk_alpha1_vs_ce_only"] = round(ppl["kd_topk_alpha1"] / ppl["ce_only"] - 1, 4)
+    if {"kd_full_vocab_alpha1", "kd_topk_alpha1"} <= set(ppl):
+        ratios["kd_topk_alpha1_vs_full_vocab_alpha1"] = round(
+            ppl["kd_topk_alpha1"] / ppl["kd_full_vocab_alpha1"] - 1, 4)
     if {"kd_full_vocab", "kd_topk_compact"} <= set(ppl):
         ratios["kd_topk_vs_full_vocab"] = round(ppl["kd_topk_compact"] / ppl["kd_full_vocab"]
                                                 - 1, 4)
