@@ -3,7 +3,7 @@
     python -m bench.encodings [--sequences 16] [--k 64]
 
 Labels: SmolLM2-135M-Instruct's top-k on Shakespeare (sequences of 128 tokens). Bytes
-per token: a cache shard exactly as raykd writes it (parquet, zstd 9), including the
+per token: a cache shard exactly as raykd writes it (parquet, zstd 15), including the
 token ids and bookkeeping columns, divided by the tokens it holds. Loss error: the KD loss
 from the decoded labels relative to the loss from exact fp32 top-k, for two real
 students: SmolLM2 cut to 4 layers (evenly spaced, untrained: far from the teacher) and
