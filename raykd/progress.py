@@ -122,16 +122,26 @@ class Follower:
 def teacher_line(teacher: dict[str, float], to_label: int, row: dict[str, Any] | None,
                  note: str | None = None) -> str:
     parts = []
+    # Before the first replica reports, and after the last has gone, "0 tok/s | 0
+    # replicas" would read as a stall: say what is happening instead.
+    state = None
     if to_label:
         done = min(int(teacher.get("rows", 0)), to_label)
         parts.append(f"{done:>6,}/{to_label:,} seqs labelled ({100 * done / to_label:.0f}%)")
+        if done >= to_label:
+            state = "done"
+        elif done == 0 and not teacher.get("replicas"):
+            state = "starting the pool"
     else:
         parts.append(note or "every sequence comes from the label cache")
-    if "teacher_tokens_per_s" in teacher:
-        parts.append(f"{teacher['teacher_tokens_per_s']:,.0f} tok/s")
-    if "replicas" in teacher:
-        n = int(teacher["replicas"])
-        parts.append(f"{n} replica{'s' if n != 1 else ''}")
+    if state is not None:
+        parts.append(state)
+    else:
+        if "teacher_tokens_per_s" in teacher:
+            parts.append(f"{teacher['teacher_tokens_per_s']:,.0f} tok/s")
+        if "replicas" in teacher:
+            n = int(teacher["replicas"])
+            parts.append(f"{n} replica{'s' if n != 1 else ''}")
     if row is not None and row.get("cache_hit_rate") is not None:
         parts.append(f"cache hits {100 * row['cache_hit_rate']:.0f}%")
     return "  teacher  " + " | ".join(parts)

@@ -33,6 +33,13 @@ def test_the_teacher_line():
                     "cache hits 25%")
     assert "every sequence comes from the label cache" in progress.teacher_line({}, 0, None)
     assert "2 replicas" in progress.teacher_line({"replicas": 2}, 10, None)
+    # Not "0 tok/s | 0 replicas" (a stall, as read) before the pool reports or once it is gone.
+    starting = progress.teacher_line({"rows": 0, "teacher_tokens_per_s": 0.0, "replicas": 0},
+                                     10, None)
+    assert starting.endswith("0/10 seqs labelled (0%) | starting the pool")
+    done = progress.teacher_line({"rows": 10, "teacher_tokens_per_s": 0.0, "replicas": 0}, 10,
+                                 {"cache_hit_rate": 0.5})
+    assert done.endswith("10/10 seqs labelled (100%) | done | cache hits 50%")
 
 
 def _metrics(path: Path, rows: list[dict]) -> None:
