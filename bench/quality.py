@@ -106,7 +106,8 @@ def main() -> None:
     ap.add_argument("--plays", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--out", default="docs/quality.png")
-    ap.add_argument("--only", nargs="*", default=[r for r in RUNS if "alpha1" not in r])
+    ap.add_argument("--only", nargs="*", choices=list(RUNS),
+                    default=[r for r in RUNS if "alpha1" not in r])
     ap.add_argument("--results", default="docs/quality.json",
                     help="results of earlier invocations are kept and plotted too")
     ap.add_argument("--plot-only", action="store_true", help="replot --results, run nothing")
