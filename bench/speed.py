@@ -57,7 +57,7 @@ def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0)
 
     from raykd.data import soft_labels
     from raykd.student.config import StudentConfig
-    from raykd.student.losses import distill_loss
+    from raykd.student.head_loss import StudentLoss
     from raykd.student.model import build_student
     from raykd.teacher.loading import load_model, materialize
 
@@ -67,6 +67,7 @@ def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0)
                           StudentConfig(num_layers=4, init_from_teacher=True),
                           load_model(teacher_dir, "float32", "cpu").state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = StudentLoss(model, model.config.vocab_size, alpha=0.5, temperature=1.0)
     tokens, spent, i = 0, 0.0, 0
     n = len(rows["sample_index"])
     while spent < seconds:
@@ -74,10 +75,7 @@ def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0)
         batch = {k: torch.from_numpy(np.ascontiguousarray(v[sel])) for k, v in rows.items()}
         start = time.perf_counter()
         labels = soft_labels.decode(batch, 1.0)
-        logits = model(input_ids=batch["input_ids"].long()).logits
-        parts = distill_loss(logits, batch["input_ids"], batch["length"], labels.topk_ids,
-                             labels.log_p, alpha=0.5, temperature=1.0,
-                             teacher_log_tail=labels.log_tail)
+        parts = loss_fn(batch["input_ids"], batch["length"], labels)
         parts.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -110,6 +110,27 @@ def target_mask(length: torch.Tensor, seq_len: int) -> torch.Tensor:
     return positions.unsqueeze(0) + 1 < length.unsqueeze(1)
 
 
+def row_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    teacher_log_p: torch.Tensor | None,
+    temperature: float,
+    kind: str = "forward_kl",
+    teacher_log_tail: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL, CE) per position: logits (..., V); targets (...) the next token ids; the
+    teacher's labels as in `sparse_kl` (topk_ids None: `dense_kl`; teacher_log_p None: no
+    KD term, zeros). Both float32 of shape (...)."""
+    x = logits.float()
+    ce = torch.logsumexp(x, dim=-1) - x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if teacher_log_p is None:
+        return torch.zeros_like(ce), ce
+    kd = (dense_kl(x, teacher_log_p, temperature, kind) if topk_ids is None else
+          sparse_kl(x, topk_ids, teacher_log_p, temperature, kind, teacher_log_tail))
+    return kd, ce
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -121,6 +142,7 @@ def distill_loss(
     temperature: float,
     kind: str = "forward_kl",
     teacher_log_tail: torch.Tensor | None = None,
+    with_kd: bool | None = None,
 ) -> LossParts:
     """alpha * T^2 * KL + (1 - alpha) * CE, averaged over positions with a next token.
 
@@ -128,19 +150,17 @@ def distill_loss(
     see `dense_kl`); input_ids (B, L); length (B,). Padding and the last real
     position (no target) are masked out of both terms, so a batch of length-0 rows is a
     zero loss that still runs forward/backward (how ranks that ran out of data keep
-    DeepSpeed's collectives in step).
+    DeepSpeed's collectives in step). with_kd: compute the KL term (default: when
+    alpha > 0; evaluation reports it regardless).
     """
     mask = target_mask(length, input_ids.shape[1]).float()
     tokens = mask.sum()
     denom = tokens.clamp(min=1.0)
-    if alpha <= 0:
-        kd = student_logits.new_zeros((), dtype=torch.float32)
-    else:
-        per_position = (dense_kl(student_logits, teacher_log_p, temperature, kind)
-                        if topk_ids is None else
-                        sparse_kl(student_logits, topk_ids, teacher_log_p, temperature, kind,
-                                  teacher_log_tail))
-        kd = (per_position * mask).sum() / denom
-    ce = (next_token_ce(student_logits, input_ids) * mask).sum() / denom
+    with_kd = alpha > 0 if with_kd is None else with_kd
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
+    kd, ce = row_losses(student_logits, targets, topk_ids, teacher_log_p if with_kd else None,
+                        temperature, kind, teacher_log_tail)
+    kd = (kd * mask).sum() / denom
+    ce = (ce * mask).sum() / denom
     loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce
     return LossParts(loss=loss, kd=kd.detach(), ce=ce.detach(), tokens=tokens)

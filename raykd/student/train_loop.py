@@ -2,7 +2,7 @@
 
     build student -> deepspeed.initialize -> [restore] -> eval ->
     for each epoch: for each micro-batch of soft labels streamed from the teacher pool:
-        forward, distill_loss, engine.backward, engine.step
+        forward + loss (StudentLoss), engine.backward, engine.step
         every log_every / eval_every / checkpoint_every steps: report (+ eval, checkpoint)
     -> final eval -> final checkpoint holding the exported Hugging Face student
 
@@ -31,8 +31,8 @@ from raykd import telemetry
 from raykd.data import soft_labels
 from raykd.student import checkpoint as ckpt
 from raykd.student.checkpoint import Progress
+from raykd.student.head_loss import StudentLoss
 from raykd.student.ledger import Ledger, candidates, fresh_rows
-from raykd.student.losses import dense_kl, distill_loss, next_token_ce, sparse_kl, target_mask
 
 
 @dataclass
@@ -143,8 +143,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     export(model_config, state, os.path.join(tmp, "hf"))
             ray.train.report(base, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    # The head and loss a chunk of positions at a time when the model allows it: the full
+    # (positions x vocabulary) logits are what made the student's step slow on CPU.
+    student_loss = StudentLoss(engine, vocab_size, alpha=job.loss.alpha,
+                               temperature=job.labels.temperature, kind=job.loss.kind)
+
     def evaluate_now() -> dict[str, float]:
-        return evaluate(engine, eval_rows, job, device, vocab_size, colocated)
+        return evaluate(engine, student_loss, eval_rows, job, device, vocab_size, colocated)
 
     if progress.step == 0 and checkpoint is None:
         report(evaluate_now())
@@ -171,12 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch["length"] = batch["length"] * keep.to(device)  # length 0: trains nothing
             labels = (colocated(batch["input_ids"]) if colocated is not None else
                       soft_labels.decode(batch, job.labels.temperature, device))
-            logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
-            parts = distill_loss(
-                logits, batch["input_ids"], batch["length"], labels.topk_ids, labels.log_p,
-                alpha=job.loss.alpha, temperature=job.labels.temperature, kind=job.loss.kind,
-                teacher_log_tail=labels.log_tail,
-            )
+            parts = student_loss(batch["input_ids"], batch["length"], labels)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(parts.loss)
             engine.step()
@@ -232,8 +232,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.device,
-             vocab_size: int, colocated: Any = None) -> dict[str, float]:
+def evaluate(engine: Any, student_loss: StudentLoss, rows: dict[str, np.ndarray], job: Any,
+             device: torch.device, vocab_size: int, colocated: Any = None) -> dict[str, float]:
     """Held-out next-token loss (T = 1) and KD loss of the student, summed over ranks
     (against the co-located teacher's labels when there is one)."""
     engine.eval()
@@ -246,16 +246,11 @@ def evaluate(engine: Any, rows: dict[str, np.ndarray], job: Any, device: torch.d
     with torch.no_grad():
         for batch in _synced(chunks, lambda: _empty_batch(job, vocab_size), device):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"].long()).logits[..., :vocab_size]
-            mask = target_mask(batch["length"], batch["input_ids"].shape[1]).float()
             labels = (colocated(batch["input_ids"]) if colocated is not None else
                       soft_labels.decode(batch, job.labels.temperature, device))
-            ce = next_token_ce(logits, batch["input_ids"])
-            kd = (dense_kl(logits, labels.log_p, job.labels.temperature, job.loss.kind)
-                  if labels.topk_ids is None else
-                  sparse_kl(logits, labels.topk_ids, labels.log_p, job.labels.temperature,
-                            job.loss.kind, labels.log_tail))
-            sums += torch.stack([(ce * mask).sum(), (kd * mask).sum(), mask.sum()]).double().cpu()
+            parts = student_loss(batch["input_ids"], batch["length"], labels, with_kd=True)
+            sums += torch.stack([parts.ce * parts.tokens, parts.kd * parts.tokens,
+                                 parts.tokens]).double().cpu()
     sums = _all_sum(sums, device)
     tokens = max(float(sums[2]), 1.0)
     loss = float(sums[0]) / tokens
