@@ -128,7 +128,7 @@ def chunked_distill_loss(
             hi = min(lo + chunk_rows, h.shape[0])
             sums += torch.stack(chunk_loss(h[lo:hi] @ weight.T, lo, hi))
         loss, kd, ce = sums.unbind()
-    tokens = torch.tensor(float(rows.numel()))
+    tokens = torch.tensor(float(rows.numel()), device=hidden.device)  # as distill_loss's
     denom = tokens.clamp(min=1.0)
     return LossParts(loss=loss / denom, kd=kd / denom, ce=ce / denom, tokens=tokens)
 
