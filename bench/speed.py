@@ -50,6 +50,12 @@ def job(out: str, name: str, plays: list[str], seq_len: int, **train) -> dict:
     }
 
 
+class _Printed(dict):
+    def __setitem__(self, key: str, seconds: float) -> None:
+        print(f"{key}: {seconds:.1f} s", flush=True)
+        super().__setitem__(key, seconds)
+
+
 def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0) -> float:
     """The student trained by a bare loop over in-memory tensors: the ceiling for (b)."""
     import torch
@@ -127,7 +133,7 @@ def main() -> None:
     plays = PLAYS[: args.plays]
     out = tempfile.mkdtemp(prefix="raykd-speed-")
     quiet = lambda _: None  # noqa: E731
-    t: dict[str, float] = {}
+    t = _Printed()  # each variant's seconds are printed as they come, kept if a run dies
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         # (a) teacher only, into its own cache.
@@ -160,7 +166,7 @@ def main() -> None:
         ray.shutdown()
     b_tps = b["tokens"] / t["b_student_only"]
     report("speed", {
-        "sequences": c["train_sequences"], "seq_len": args.seq_len, "seconds": t,
+        "sequences": c["train_sequences"], "seq_len": args.seq_len, "seconds": dict(t),
         "c_over_max_a_b": round(t["c_streamed"] / max(t["a_teacher_only"], t["b_student_only"]), 3),
         "d_over_c": round(t["d_label_then_train"] / t["c_streamed"], 3),
         "e_over_c": round(t["e_colocated"] / t["c_streamed"], 3),
