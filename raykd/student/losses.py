@@ -94,16 +94,6 @@ def dense_kl(student_logits: torch.Tensor, teacher_log_p: torch.Tensor, temperat
     raise ValueError(f"unknown KL kind {kind!r}")
 
 
-def next_token_ce(student_logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Per-position -log q(input_ids[t+1]) at T = 1; (B, L) float32, last position 0."""
-    logits = student_logits[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1).long(),
-        reduction="none",
-    ).view(input_ids.shape[0], -1)
-    return torch.nn.functional.pad(ce, (0, 1))
-
-
 def target_mask(length: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B, L) bool: positions t with a real next token (t + 1 < length)."""
     positions = torch.arange(seq_len, device=length.device)
