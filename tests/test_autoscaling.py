@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,21 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_ports
+
 pytestmark = pytest.mark.ray
 
 TEACHER_NODE = {"resources": {"CPU": 1, "teacher": 1}, "node_config": {},
                 "min_workers": 0, "max_workers": 3}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _processes_using(path: Path) -> list:
@@ -107,7 +97,7 @@ def autoscaling_cluster(tmp_path_factory):
                 **config_kwargs,
             }
 
-    port, dashboard, agent, metrics, client, manager, objects, runtime_env = _free_ports(8)
+    port, dashboard, agent, metrics, client, manager, objects, runtime_env = free_ports(8)
     # The address the head's GCS gets (`ray start` picks the node IP the same way); the
     # fake nodes, started by the autoscaler, join it there.
     gcs = f"{get_node_ip_address()}:{port}"

@@ -9,28 +9,15 @@ worker bundle on the head, which the assertions rule out.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from raykd.config import job_from_dict
+from tests.ports import free_ports
 from tests.tiny import make_llama, shakespeare
 
 pytestmark = pytest.mark.ray
 
 ROLE = "raykd.io/role"
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all held until all are taken, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +27,7 @@ def cluster(tmp_path_factory):
 
     temp = tmp_path_factory.mktemp("ray")
     # Own ports throughout: other Ray instances on this machine hold Ray's defaults.
-    dashboard, agent = _free_ports(2)
+    dashboard, agent = free_ports(2)
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 3, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard, "dashboard_agent_listen_port": agent,

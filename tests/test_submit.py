@@ -16,7 +16,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import yaml
 from raykd.cluster import auth, ship
 from raykd.config import job_from_dict
 from raykd.errors import UserError
+from tests.ports import free_ports
 from tests.tiny import make_llama, shakespeare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,19 +35,6 @@ BIN = Path(sys.executable).parent
 # Variables that would let the developer's own Ray setup leak into a test.
 RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
             "RAY_AUTH_TOKEN_PATH")
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: every socket stays bound until all are taken, or the OS
-    may hand the same port out twice (Ray refuses a head with two components on one)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
@@ -72,7 +59,7 @@ class Head:
                  "--ray-client-server-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                  "--metrics-export-port")
-        ports = dict(zip(flags, _free_ports(len(flags))))
+        ports = dict(zip(flags, free_ports(len(flags))))
         self.dashboard_port = ports["--dashboard-port"]
         self.url = f"http://127.0.0.1:{self.dashboard_port}"
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host", "127.0.0.1",
@@ -328,7 +315,7 @@ def test_address_from_the_environment(head, client_home):
     env = _clean_env(client_home, RAY_ADDRESS=head.url)
     assert raykd("list", env=env).returncode == 0
     # --address wins over RAY_ADDRESS (Ray's SDK alone would use the variable).
-    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     env = _clean_env(client_home, RAY_ADDRESS=closed)
     assert raykd("list", "--address", head.url, env=env).returncode == 0
     assert one_line_error(raykd("list", env=env)) == (
@@ -337,7 +324,7 @@ def test_address_from_the_environment(head, client_home):
 
 
 def test_unreachable_address_is_one_line(tmp_path, tiny_job):
-    closed = f"http://127.0.0.1:{_free_ports(1)[0]}"
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     env = _clean_env(tmp_path)
     started = time.monotonic()
     for args in (("submit", str(tiny_job)), ("status", "raykd-x"), ("logs", "raykd-x"),
