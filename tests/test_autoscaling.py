@@ -34,25 +34,27 @@ TEACHER_NODE = {"resources": {"CPU": 1, "teacher": 1}, "node_config": {},
                 "min_workers": 0, "max_workers": 3}
 
 
-def _processes_using(path: Path) -> list:
-    """The processes whose command line names `path`, and all their descendants."""
+def _processes_using(*needles: str) -> list:
+    """The processes whose command line names any of `needles`, and all their descendants."""
     import psutil
 
     found = {p.pid: p for p in psutil.process_iter(["pid", "cmdline"])
-             if str(path) in " ".join(p.info["cmdline"] or [])}
+             if any(n in " ".join(p.info["cmdline"] or []) for n in needles)}
     for p in list(found.values()):
         with contextlib.suppress(psutil.NoSuchProcess):
             found.update((c.pid, c) for c in p.children(recursive=True))
     return list(found.values())
 
 
-def _kill_all(path: Path) -> list:
-    """Stop the processes of the Ray whose temp dir is `path`; returns any still alive."""
+def _kill_all(*needles: str) -> list:
+    """Stop the processes of the Ray whose temp dir or GCS address is named in `needles`
+    (the head's Ray Client proxy names only the address; orphaned once its parent stops,
+    it is no descendant either); returns any still alive."""
     import psutil
 
     stopped: dict[int, psutil.Process] = {}
     for _ in range(5):  # again, for what a raylet started meanwhile
-        procs = [p for p in _processes_using(path) if p.pid not in stopped]
+        procs = [p for p in _processes_using(*needles) if p.pid not in stopped]
         if not procs:
             break
         for p in procs:
@@ -64,7 +66,7 @@ def _kill_all(path: Path) -> list:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
-    return [p for p in stopped.values() if p.is_running()] + _processes_using(path)
+    return [p for p in stopped.values() if p.is_running()] + _processes_using(*needles)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +126,7 @@ def autoscaling_cluster(tmp_path_factory):
         yield
     finally:
         ray.shutdown()
-        left = _kill_all(temp)
+        left = _kill_all(str(temp), f"--address={gcs}")
     assert left == []
     shutil.rmtree(temp, ignore_errors=True)
 
