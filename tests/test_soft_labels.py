@@ -121,3 +121,26 @@ def test_teacher_nll_is_next_token_cross_entropy():
     ref = torch.nn.functional.cross_entropy(logits[1, 3][None], ids[1, 4][None])
     torch.testing.assert_close(nll[1, 3], ref)
     assert torch.all(nll[:, -1] == 0)
+
+
+def test_teacher_replica_labels_without_starting_ray(tmp_path):
+    """The replica is a plain callable (benches call it directly): outside Ray it must
+    label a batch without starting a local Ray instance behind the caller's back."""
+    import ray
+
+    from raykd.teacher.config import TeacherConfig
+    from raykd.teacher.loading import load_model
+    from raykd.teacher.replica import TeacherReplica
+    from tests.tiny import make_llama
+
+    assert not ray.is_initialized()
+    model_dir = make_llama(tmp_path / "teacher", layers=1)
+    labels = LabelConfig(top_k=4, encoding="exact")
+    replica = TeacherReplica(TeacherConfig(model=str(model_dir), num_cpus=1), labels)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 6))
+    out = replica({"input_ids": ids, "length": np.full((2,), 6)})
+    assert not ray.is_initialized()
+    with torch.no_grad():
+        logits = load_model(str(model_dir), "float32", "cpu")(
+            input_ids=torch.from_numpy(ids)).logits
+    np.testing.assert_array_equal(out["topk_ids"], logits.topk(4, -1).indices.numpy())

@@ -58,7 +58,10 @@ class TeacherReplica:
         self.emit_nll = emit_nll
         # The run's PoolStats (raykd.telemetry): teacher tokens/s and replicas alive.
         self.stats = telemetry.find(stats)
-        self.replica_id = ray.get_runtime_context().get_actor_id() or ""
+        # Outside Ray (benches, tests) there is no actor id, and asking for the runtime
+        # context would start a whole local Ray instance.
+        self.replica_id = (ray.get_runtime_context().get_actor_id() or ""
+                           if ray.is_initialized() else "")
         if self.stats is not None:
             self.stats.hello.remote(self.replica_id)
 
