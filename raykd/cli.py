@@ -123,12 +123,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "validate":
         from raykd.preflight import preflight
+        from raykd.student.optim import describe_zero
 
         checks = preflight(job)
         print(f"raykd: {args.job} is valid: {len(checks.files.paths)} data file(s), teacher "
               f"{checks.teacher.model_type} with {checks.teacher.num_layers} layers and "
               f"{checks.teacher.vocab_size} tokens, student {job.student.num_layers} layers, "
-              f"{job.train.num_workers} worker(s) x ZeRO-{job.train.zero_stage}")
+              f"{job.train.num_workers} worker(s) x {describe_zero(job.train)}")
         return 0
     if args.command in ("run", "resume"):
         from raykd.runner import run

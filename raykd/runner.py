@@ -32,6 +32,7 @@ from raykd.storage import check_store, filesystem, is_remote
 from raykd.student.ledger import FILE as LEDGER_FILE
 from raykd.student.ledger import Ledger
 from raykd.student.losses import target_mask
+from raykd.student.optim import describe_zero
 from raykd.teacher.loading import materialize
 
 
@@ -132,8 +133,8 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
     log(f"raykd: {len(eval_rows['sample_id'])} held-out sequences, teacher ppl "
         f"{math.exp(teacher_eval_loss):.2f}")
     log(f"raykd: {n_train} training sequences of {job.data.seq_len} tokens, {total_steps} steps "
-        f"on {job.train.num_workers} worker(s), teacher pool {job.teacher.replicas.min}-"
-        f"{job.teacher.replicas.max}")
+        f"on {job.train.num_workers} worker(s) x {describe_zero(job.train)}, teacher pool "
+        f"{job.teacher.replicas.min}-{job.teacher.replicas.max}")
 
     storage = job.train.storage or str((path / "checkpoints").absolute())
     storage_fs, storage_path = filesystem(storage, "train.storage")

@@ -124,9 +124,10 @@ def test_a_head_that_is_not_hidden_times_weight_falls_back_to_full_logits():
     torch.testing.assert_close(parts.loss, ref.loss)
 
 
-def engine_steps(zero_stage: int, chunked: bool, port: int) -> dict:
+def engine_steps(zero_stage: int, chunked: bool, port: int, forced: bool = True) -> dict:
     """Two optimiser steps of a tiny student in a 1-process DeepSpeed engine (gloo); the
-    parameters after them and which path StudentLoss took."""
+    parameters after them, which path StudentLoss took and the stage the engine ran.
+    `forced`: run `zero_stage` itself, not the stage raykd picks for one worker."""
     import os
 
     import deepspeed
@@ -140,15 +141,36 @@ def engine_steps(zero_stage: int, chunked: bool, port: int) -> dict:
     deepspeed.init_distributed(dist_backend="gloo")
     model = _tiny_lm()
     train = TrainConfig(zero_stage=zero_stage, batch_size=3, micro_batch_size=3, lr=1e-2)
+    config = deepspeed_config(train, 1)
+    if forced:
+        config["zero_optimization"]["stage"] = zero_stage
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(
-        model.parameters(), lr=1e-2), config=deepspeed_config(train, 1))
+        model.parameters(), lr=1e-2), config=config)
     loss_fn = StudentLoss(engine, 97, alpha=0.5, temperature=2.0, chunked=chunked)
     input_ids, length, labels = _batch(97, 8)
     for _ in range(2):
         parts = loss_fn(input_ids, length, labels)
         engine.backward(parts.loss)
         engine.step()
-    return {"chunked": loss_fn.chunked, "state": full_state_dict(engine)}
+    return {"chunked": loss_fn.chunked, "state": full_state_dict(engine),
+            "stage": engine.zero_optimization_stage()}
+
+
+def _engine_steps_in_subprocess(tmp_path, zero_stage: int, chunked: bool = True,
+                                forced: bool = True) -> dict:
+    # A process of its own: DeepSpeed's process group is set up once per process.
+    import subprocess
+    import sys
+
+    from tests.ports import free_ports
+
+    out = tmp_path / f"{zero_stage}-{chunked}-{forced}.pt"
+    code = (f"import torch; from tests.test_head_loss import engine_steps; torch.save("
+            f"engine_steps({zero_stage}, {chunked}, {free_ports(1)[0]}, {forced}), {str(out)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -156,22 +178,9 @@ def test_deepspeed_engine_trains_the_same_chunked_or_not(tmp_path, zero_stage):
     # Through the engine (its forward hooks, ZeRO's gradient reduction and partitioning):
     # ZeRO-2 takes the chunked path and ends where full logits end; ZeRO-3, whose head
     # weight lives partitioned outside the head's forward, falls back to full logits.
-    import socket
-    import subprocess
-    import sys
-
-    results = {}
-    for chunked in (True, False):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = tmp_path / f"{chunked}.pt"
-        code = (f"import torch; from tests.test_head_loss import engine_steps; "
-                f"torch.save(engine_steps({zero_stage}, {chunked}, {port}), {str(out)!r})")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[chunked] = torch.load(out)
+    results = {chunked: _engine_steps_in_subprocess(tmp_path, zero_stage, chunked)
+               for chunked in (True, False)}
+    assert results[True]["stage"] == zero_stage
     assert results[True]["chunked"] is (zero_stage < 3)
     assert results[False]["chunked"] is False
     a, b = results[True]["state"], results[False]["state"]
@@ -180,3 +189,85 @@ def test_deepspeed_engine_trains_the_same_chunked_or_not(tmp_path, zero_stage):
     assert all(not torch.allclose(a[n], start[n]) for n in a if "proj" in n)  # it trained
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_one_worker_runs_zero_2_as_stage_0_to_the_same_weights(tmp_path):
+    # ZeRO-1/2 split optimiser state and gradients across ranks: with one rank raykd runs
+    # stage 0 (no flat fp32 copy of the weights); the training must not change with it.
+    from raykd.student.config import TrainConfig
+    from raykd.student.optim import zero_stage
+
+    assert [zero_stage(TrainConfig(zero_stage=s), 1) for s in range(4)] == [0, 0, 0, 3]
+    assert [zero_stage(TrainConfig(zero_stage=s), 2) for s in range(4)] == [0, 1, 2, 3]
+    picked = _engine_steps_in_subprocess(tmp_path, 2, forced=False)
+    zero2 = _engine_steps_in_subprocess(tmp_path, 2, forced=True)
+    assert (picked["stage"], zero2["stage"]) == (0, 2)
+    start = _tiny_lm().state_dict()
+    assert all(not torch.allclose(picked["state"][n], start[n]) for n in start if "proj" in n)
+    for name in zero2["state"]:
+        torch.testing.assert_close(picked["state"][name], zero2["state"][name], atol=1e-6,
+                                   rtol=1e-5, msg=name)
+
+
+def checkpoint_round_trip(directory: str, port: int) -> dict:
+    """A one-worker engine (the stage raykd picks: 0) saved after 2 steps and restored
+    into a fresh engine through raykd's checkpoint code; the next step of each."""
+    import os
+
+    import deepspeed
+
+    from raykd.student import checkpoint as ckpt
+    from raykd.student.config import TrainConfig
+    from raykd.student.ledger import Ledger
+    from raykd.student.model import full_state_dict
+    from raykd.student.optim import deepspeed_config
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
+    train = TrainConfig(zero_stage=2, batch_size=3, micro_batch_size=3, lr=1e-2)
+    input_ids, length, labels = _batch(97, 8)
+
+    def engine():  # noqa: ANN202
+        model = _tiny_lm()  # the untrained weights: the fresh engine differs until restored
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        e, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                     config=deepspeed_config(train, 1))
+        return e, StudentLoss(e, 97, alpha=0.5, temperature=2.0)
+
+    def step(e, loss_fn) -> None:  # noqa: ANN001
+        parts = loss_fn(input_ids, length, labels)
+        e.backward(parts.loss)
+        e.step()
+
+    first, loss_fn = engine()
+    for _ in range(2):
+        step(first, loss_fn)
+    ckpt.save(first, ckpt.Progress(Ledger(4), step=2), directory, 0, "r")
+    second, loss_fn2 = engine()
+    progress = ckpt.restore(second, directory)
+    step(first, loss_fn)
+    step(second, loss_fn2)
+    return {"stage": second.zero_optimization_stage(), "step": progress.step,
+            "first": full_state_dict(first), "second": full_state_dict(second)}
+
+
+def test_one_worker_checkpoint_resumes_to_the_same_weights(tmp_path):
+    # The quickstart's path (one worker, so stage 0): what a resume restores - weights and
+    # AdamW's moments, loaded by raykd's weights-only loader - gives the same next step.
+    import subprocess
+    import sys
+
+    from tests.ports import free_ports
+
+    out = tmp_path / "out.pt"
+    code = (f"import torch; from tests.test_head_loss import checkpoint_round_trip; "
+            f"torch.save(checkpoint_round_trip({str(tmp_path / 'ckpt')!r}, "
+            f"{free_ports(1)[0]}), {str(out)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert (got["stage"], got["step"]) == (0, 2)
+    for name in got["first"]:
+        torch.testing.assert_close(got["second"][name], got["first"][name], msg=name)

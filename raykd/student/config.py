@@ -119,7 +119,8 @@ class TrainConfig:
     weight_decay: float = doc(0.0, "AdamW weight decay.")
     betas: list[float] = doc([0.9, 0.95], "AdamW betas.")
     grad_clip: float = doc(1.0, "Gradient norm clipping; 0 disables.")
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3.")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage 0-3. With one worker, 1 and 2 run as 0: "
+                             "there is nothing to partition.")
     precision: Literal["auto", "fp32", "bf16"] = doc(
         "auto", "Training precision; auto is bf16 on GPU and fp32 on CPU."
     )
