@@ -6,9 +6,10 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,3 +44,34 @@ def timed(into: dict, key: str) -> Iterator[None]:
 
 def report(name: str, rows: dict) -> None:
     print(json.dumps({"bench": name, "machine": machine(), **rows}, indent=1, default=float))
+
+
+def student_step() -> Callable[[dict[str, Any]], int]:
+    """The quickstart's student (4 layers from the teacher) and a bare training step on a
+    batch of labelled rows (tensors): raykd's chunked head and loss, clipping, AdamW.
+    Returns the step, which returns the tokens it trained on."""
+    import torch
+    from transformers import AutoConfig
+
+    from raykd.data import soft_labels
+    from raykd.student.config import StudentConfig
+    from raykd.student.head_loss import StudentLoss
+    from raykd.student.model import build_student
+    from raykd.teacher.loading import load_model, materialize
+
+    teacher_dir = materialize(SMOLLM2)
+    model = build_student(AutoConfig.from_pretrained(teacher_dir),
+                          StudentConfig(num_layers=4, init_from_teacher=True),
+                          load_model(teacher_dir, "float32", "cpu").state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = StudentLoss(model, model.config.vocab_size, alpha=0.5, temperature=1.0)
+
+    def step(batch: dict[str, Any]) -> int:
+        parts = loss_fn(batch["input_ids"], batch["length"], soft_labels.decode(batch, 1.0))
+        parts.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        return int(parts.tokens)
+
+    return step

@@ -17,6 +17,10 @@ teacher-only time around the labelling pass.
                         CPUs (TRL's / torchdistill's way)
   (f) epoch 2           the second epoch of (c), reading the label cache
 
+Then `bench.sharing`: the teacher's and the student's work as two plain processes, alone
+and at the same time, and the c / max(a, b) that their sharing the cores alone would give;
+c over that floor is what the pipeline itself adds.
+
 Also: (b)'s student tokens/s over a plain torch loop on the same tensors in memory (same
 model, AdamW, one thread), and the train worker's peak RSS with 10x the data over 1x.
 """
@@ -30,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import SMOLLM2, TEXTS, report
+from bench import sharing
+from bench.common import SMOLLM2, TEXTS, report, student_step
 
 PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night",
          "othello", "hamlet", "lear", "richard_iii", "henry_v"]
@@ -59,35 +64,17 @@ class _Printed(dict):
 def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0) -> float:
     """The student trained by a bare loop over in-memory tensors: the ceiling for (b)."""
     import torch
-    from transformers import AutoConfig
-
-    from raykd.data import soft_labels
-    from raykd.student.config import StudentConfig
-    from raykd.student.head_loss import StudentLoss
-    from raykd.student.model import build_student
-    from raykd.teacher.loading import load_model, materialize
 
     torch.set_num_threads(1)
-    teacher_dir = materialize(SMOLLM2)
-    model = build_student(AutoConfig.from_pretrained(teacher_dir),
-                          StudentConfig(num_layers=4, init_from_teacher=True),
-                          load_model(teacher_dir, "float32", "cpu").state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = StudentLoss(model, model.config.vocab_size, alpha=0.5, temperature=1.0)
+    step = student_step()
     tokens, spent, i = 0, 0.0, 0
     n = len(rows["sample_index"])
     while spent < seconds:
         sel = slice(i % n, i % n + 8)
         batch = {k: torch.from_numpy(np.ascontiguousarray(v[sel])) for k, v in rows.items()}
         start = time.perf_counter()
-        labels = soft_labels.decode(batch, 1.0)
-        parts = loss_fn(batch["input_ids"], batch["length"], labels)
-        parts.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        tokens += step(batch)
         spent += time.perf_counter() - start
-        tokens += int(parts.tokens)
         i += 8
     return tokens / spent
 
@@ -164,10 +151,18 @@ def main() -> None:
         rss = memory(out, args.memory_plays)
     finally:
         ray.shutdown()
+    # What the two cores cost teacher and student when both are busy, without raykd.
+    shared = sharing.measure()
+    c_floor = sharing.floor(t["a_teacher_only"], t["b_student_only"],
+                            shared["teacher_slowdown"], shared["student_slowdown"])
     b_tps = b["tokens"] / t["b_student_only"]
     report("speed", {
         "sequences": c["train_sequences"], "seq_len": args.seq_len, "seconds": dict(t),
         "c_over_max_a_b": round(t["c_streamed"] / max(t["a_teacher_only"], t["b_student_only"]), 3),
+        "sharing": shared,
+        "c_over_max_a_b_from_sharing_alone": round(c_floor, 3),
+        "c_over_sharing_floor": round(
+            t["c_streamed"] / (c_floor * max(t["a_teacher_only"], t["b_student_only"])), 3),
         "d_over_c": round(t["d_label_then_train"] / t["c_streamed"], 3),
         "e_over_c": round(t["e_colocated"] / t["c_streamed"], 3),
         "epoch2_over_b": round(t["f_epoch2_from_cache"] / t["b_student_only"], 3),

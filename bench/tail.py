@@ -1,7 +1,7 @@
 """What the top-k labels lose: students trained side by side on the teacher's tail, 4 ways.
 
     python -m bench.tail [--variants bucket sampled full ce] [--seed 0] [--samples 16]
-                        [--top-k 64]
+                        [--top-k 64 [128 ...]] [--init-from-teacher] [--epochs 1]
 
 raykd's labels keep the teacher's top-k probabilities exactly and its remaining mass as
 one number (`raykd.student.losses`): the student learns how much mass belongs outside the
@@ -19,9 +19,11 @@ full logits; every variant sees the same batches, initial weights and schedule:
 
 alpha = 0.5, T = 1, lr 1e-3 (5 warmup steps, cosine to 0.1), as bench.quality; torch's
 AdamW with its default betas (0.9, 0.999; raykd's default is 0.95), no weight decay. Data:
-224 sequences of 128 tokens from each of Macbeth and The Tempest (56 steps of 8), held out
-the next 16 of each. The SmolLM2 teacher labels every batch once up front; `full` runs it
-again inside each step. Prints one JSON line per variant (held-out perplexity, curve).
+224 sequences of 128 tokens from each of Macbeth and The Tempest (56 steps of 8 per
+epoch; later epochs take the same batches in a new order), held out the next 16 of each.
+The student starts from random weights, or from every n-th teacher layer
+(--init-from-teacher). The SmolLM2 teacher labels every batch once up front; `full` runs
+it again inside each step. Prints one JSON line per variant (held-out perplexity, curve).
 """
 
 from __future__ import annotations
@@ -53,12 +55,21 @@ def main() -> None:
                     choices=["bucket", "sampled", "full", "ce"])
     ap.add_argument("--seed", type=int, default=0, help="data order and student init")
     ap.add_argument("--samples", type=int, default=16, help="tail ids drawn per position")
-    ap.add_argument("--top-k", type=int, default=64, help="the labels' top-k")
+    ap.add_argument("--top-k", type=int, nargs="+", default=[64],
+                    help="the labels' top-k; several values run `bucket` once for each")
+    ap.add_argument("--epochs", type=int, default=1,
+                    help="passes over the same training sequences (the batches in a new "
+                         "order each pass, the same for every variant)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--init-from-teacher", action="store_true",
+                    help="start the student from every n-th teacher layer, as "
+                         "bench.quality's kd_topk_init, instead of random weights")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    m, K = args.samples, args.top_k
+    m, K = args.samples, max(args.top_k)
+    if len(args.top_k) > 1 and set(args.variants) & {"sampled"}:
+        ap.error("sampled draws from outside one top-k: give one --top-k with it")
 
     train = np.concatenate([shakespeare_ids(p, TRAIN, L) for p in PLAYS])
     held = np.concatenate([shakespeare_ids(p, HELD, L, offset=TRAIN + 4) for p in PLAYS])
@@ -80,13 +91,16 @@ def main() -> None:
         draws = torch.multinomial(tail_p, m, replacement=True,
                                   generator=torch.Generator().manual_seed(1000 + s))
         batches.append((ids, top_ids, top_lp, tail, draws.reshape(B, L, m)))
-    tail_mass = float(torch.cat([b[3].exp().flatten() for b in batches]).mean())
+    tail_mass = {k: round(float(torch.cat([tail_log_mass(b[2][..., :k]).exp().flatten()
+                                           for b in batches]).mean()), 4)
+                 for k in args.top_k}
     print(json.dumps({"labels_s": round(time.time() - started, 1),
-                      "mean_tail_mass": round(tail_mass, 4), "machine": machine()}), flush=True)
+                      "mean_tail_mass": tail_mass, "machine": machine()}), flush=True)
     mask = torch.ones(B, L)
     mask[:, -1] = 0  # the last position has no next token
 
-    def loss_of(variant: str, model, ids, top_ids, top_lp, tail, draws) -> torch.Tensor:
+    def loss_of(variant: str, k: int, model, ids, top_ids, top_lp, tail, draws
+                ) -> torch.Tensor:
         x = model(input_ids=ids).logits.float()
         targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
         ce = torch.logsumexp(x, -1) - x.gather(-1, targets[..., None]).squeeze(-1)
@@ -95,6 +109,9 @@ def main() -> None:
         if variant == "full":
             kd = dense_kl(x, torch.log_softmax(teacher_logits(ids), -1), 1.0)
         else:
+            if k < K:  # labels are sorted: the top-k of a smaller k are the first k
+                top_ids, top_lp = top_ids[..., :k], top_lp[..., :k]
+                tail = tail_log_mass(top_lp)
             kd = sparse_kl(x, top_ids, top_lp, 1.0, teacher_log_tail=tail)
         if variant == "sampled":
             lse = torch.logsumexp(x, -1, keepdim=True)
@@ -115,25 +132,33 @@ def main() -> None:
         return math.exp(nll / n)
 
     # raykd's own schedule, as the quickstart and bench.quality configure it.
-    lr_at = lr_lambda(TrainConfig(lr=1e-3, warmup_steps=5, schedule="cosine"), len(batches))
+    steps = len(batches) * args.epochs
+    lr_at = lr_lambda(TrainConfig(lr=1e-3, warmup_steps=5, schedule="cosine"), steps)
+    epoch_orders = [np.random.default_rng([args.seed, e]).permutation(len(batches))
+                    if e else np.arange(len(batches)) for e in range(args.epochs)]
+    schedule = [batches[i] for order in epoch_orders for i in order]
 
-    for variant in args.variants:
+    runs = [(v, k) for v in args.variants for k in (args.top_k if v == "bucket" else [K])]
+    for variant, k in runs:
         torch.manual_seed(args.seed)
-        model = build_student(teacher.config, StudentConfig(num_layers=args.layers,
-                                                            init_from_teacher=False))
+        model = build_student(teacher.config,
+                              StudentConfig(num_layers=args.layers,
+                                            init_from_teacher=args.init_from_teacher),
+                              teacher.state_dict() if args.init_from_teacher else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         started, curve = time.time(), []
-        for step, batch in enumerate(batches):
-            loss = loss_of(variant, model, *batch)
+        for step, batch in enumerate(schedule):
+            loss = loss_of(variant, k, model, *batch)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            if (step + 1) % 20 == 0:
+            if (step + 1) % 20 == 0 or step + 1 == steps:
                 curve.append((step + 1, round(held_out_ppl(model), 2)))
-        print(json.dumps({"variant": variant, "seed": args.seed, "top_k": K, "samples": m,
+        print(json.dumps({"variant": variant, "seed": args.seed, "top_k": k, "samples": m,
+                          "init_from_teacher": args.init_from_teacher, "epochs": args.epochs,
                           "held_out_ppl": round(held_out_ppl(model), 2), "curve": curve,
                           "s": round(time.time() - started, 1)}), flush=True)
 
