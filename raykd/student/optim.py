@@ -15,10 +15,10 @@ def zero_stage(train: TrainConfig, world_size: int) -> int:
     """The ZeRO stage the engine runs. Stages 1 and 2 split the optimiser state and the
     gradients across the data-parallel ranks; with one rank there is nothing to split,
     and DeepSpeed still keeps its flat fp32 partition: one more copy of the weights, and
-    ~10 % longer CPU steps (bench.speed, docs/benchmarks.md). One worker therefore runs
-    stage 0: the same AdamW, clipping and accumulation. Stage 3 is kept as asked: it also
-    changes how the model is built and gathered, which a one-worker run may be trying out.
-    Resume is unaffected: a run resumes only with its own job, so the same stage."""
+    8 % longer CPU steps than stage 0 (bench.zero_step, docs/benchmarks.md). One worker
+    therefore runs stage 0: the same AdamW, clipping and accumulation. Stage 3 is kept as
+    asked: it also changes how the model is built and gathered, which a one-worker run may
+    be trying out. A run resumes only with its own job, so always at the same stage."""
     return 0 if world_size == 1 and train.zero_stage in (1, 2) else train.zero_stage
 
 
