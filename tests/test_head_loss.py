@@ -124,21 +124,44 @@ def test_a_head_that_is_not_hidden_times_weight_falls_back_to_full_logits():
     torch.testing.assert_close(parts.loss, ref.loss)
 
 
+def _one_process_group(port: int) -> None:
+    import os
+
+    import deepspeed
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def _in_subprocess(tmp_path, call: str) -> dict:
+    """`call` (a function of this module, given a free port as `port`) in a process of its
+    own: DeepSpeed's process group is set up once per process. Returns what it returned."""
+    import subprocess
+    import sys
+
+    from tests.ports import free_ports
+
+    out = tmp_path / f"result-{len(list(tmp_path.glob('result-*')))}.pt"
+    code = (f"import torch; from tests.test_head_loss import *; port = {free_ports(1)[0]}; "
+            f"torch.save({call}, {str(out)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
 def engine_steps(zero_stage: int, chunked: bool, port: int, forced: bool = True) -> dict:
     """Two optimiser steps of a tiny student in a 1-process DeepSpeed engine (gloo); the
     parameters after them, which path StudentLoss took and the stage the engine ran.
     `forced`: run `zero_stage` itself, not the stage raykd picks for one worker."""
-    import os
-
     import deepspeed
 
     from raykd.student.config import TrainConfig
     from raykd.student.model import full_state_dict
     from raykd.student.optim import deepspeed_config
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo")
+    _one_process_group(port)
     model = _tiny_lm()
     train = TrainConfig(zero_stage=zero_stage, batch_size=3, micro_batch_size=3, lr=1e-2)
     config = deepspeed_config(train, 1)
@@ -158,19 +181,7 @@ def engine_steps(zero_stage: int, chunked: bool, port: int, forced: bool = True)
 
 def _engine_steps_in_subprocess(tmp_path, zero_stage: int, chunked: bool = True,
                                 forced: bool = True) -> dict:
-    # A process of its own: DeepSpeed's process group is set up once per process.
-    import subprocess
-    import sys
-
-    from tests.ports import free_ports
-
-    out = tmp_path / f"{zero_stage}-{chunked}-{forced}.pt"
-    code = (f"import torch; from tests.test_head_loss import engine_steps; torch.save("
-            f"engine_steps({zero_stage}, {chunked}, {free_ports(1)[0]}, {forced}), {str(out)!r})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
+    return _in_subprocess(tmp_path, f"engine_steps({zero_stage}, {chunked}, port, {forced})")
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
@@ -212,8 +223,6 @@ def test_one_worker_runs_zero_2_as_stage_0_to_the_same_weights(tmp_path):
 def checkpoint_round_trip(directory: str, port: int) -> dict:
     """A one-worker engine (the stage raykd picks: 0) saved after 2 steps and restored
     into a fresh engine through raykd's checkpoint code; the next step of each."""
-    import os
-
     import deepspeed
 
     from raykd.student import checkpoint as ckpt
@@ -222,9 +231,7 @@ def checkpoint_round_trip(directory: str, port: int) -> dict:
     from raykd.student.model import full_state_dict
     from raykd.student.optim import deepspeed_config
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="gloo")
+    _one_process_group(port)
     train = TrainConfig(zero_stage=2, batch_size=3, micro_batch_size=3, lr=1e-2)
     input_ids, length, labels = _batch(97, 8)
 
@@ -255,19 +262,7 @@ def checkpoint_round_trip(directory: str, port: int) -> dict:
 def test_one_worker_checkpoint_resumes_to_the_same_weights(tmp_path):
     # The quickstart's path (one worker, so stage 0): what a resume restores - weights and
     # AdamW's moments, loaded by raykd's weights-only loader - gives the same next step.
-    import subprocess
-    import sys
-
-    from tests.ports import free_ports
-
-    out = tmp_path / "out.pt"
-    code = (f"import torch; from tests.test_head_loss import checkpoint_round_trip; "
-            f"torch.save(checkpoint_round_trip({str(tmp_path / 'ckpt')!r}, "
-            f"{free_ports(1)[0]}), {str(out)!r})")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = torch.load(out)
+    got = _in_subprocess(tmp_path, f"checkpoint_round_trip({str(tmp_path / 'ckpt')!r}, port)")
     assert (got["stage"], got["step"]) == (0, 2)
     for name in got["first"]:
         torch.testing.assert_close(got["second"][name], got["first"][name], msg=name)
