@@ -75,3 +75,18 @@ def student_step() -> Callable[[dict[str, Any]], int]:
         return int(parts.tokens)
 
     return step
+
+
+def labelled_batch(n: int = 8, seq_len: int = 128) -> dict[str, Any]:
+    """n sequences of Macbeth with the SmolLM2 teacher's default labels (raykd's
+    TeacherReplica called directly, no Ray), as the tensors a student step takes."""
+    import torch
+
+    from raykd.data.soft_labels import LabelConfig
+    from raykd.teacher.config import TeacherConfig
+    from raykd.teacher.replica import TeacherReplica
+
+    rows = {"input_ids": shakespeare_ids("macbeth", n, seq_len),
+            "length": np.full((n,), seq_len, dtype=np.int32)}
+    rows = TeacherReplica(TeacherConfig(model=SMOLLM2, num_cpus=1), LabelConfig())(rows)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}

@@ -48,17 +48,9 @@ def _teacher():
 
 
 def _student():
-    import numpy as np
-    import torch
+    from bench.common import labelled_batch, student_step
 
-    from bench.common import SMOLLM2, student_step
-    from raykd.data.soft_labels import LabelConfig
-    from raykd.teacher.config import TeacherConfig
-    from raykd.teacher.replica import TeacherReplica
-
-    rows = TeacherReplica(TeacherConfig(model=SMOLLM2, num_cpus=1), LabelConfig())(_batch())
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}
-    step = student_step()
+    batch, step = labelled_batch(B, L), student_step()
     return lambda: step(batch)
 
 

@@ -25,20 +25,16 @@ import time
 
 def main() -> None:
     import deepspeed
-    import numpy as np
     import torch
     from transformers import AutoConfig
 
-    from bench.common import SMOLLM2, report, shakespeare_ids, student_step
+    from bench.common import SMOLLM2, labelled_batch, report, student_step
     from raykd.data import soft_labels
-    from raykd.data.soft_labels import LabelConfig
     from raykd.student.config import StudentConfig, TrainConfig
     from raykd.student.head_loss import StudentLoss
     from raykd.student.model import build_student
     from raykd.student.optim import deepspeed_config, optimizer
-    from raykd.teacher.config import TeacherConfig
     from raykd.teacher.loading import load_model, materialize
-    from raykd.teacher.replica import TeacherReplica
     from tests.ports import free_ports
 
     ap = argparse.ArgumentParser()
@@ -49,10 +45,7 @@ def main() -> None:
                       MASTER_PORT=str(free_ports(1)[0]))
     deepspeed.init_distributed(dist_backend="gloo")
 
-    ids = shakespeare_ids("macbeth", 8, 128)
-    rows = TeacherReplica(TeacherConfig(model=SMOLLM2, num_cpus=1), LabelConfig())(
-        {"input_ids": ids, "length": np.full((8,), 128, dtype=np.int32)})
-    batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}
+    batch = labelled_batch()
     teacher_dir = materialize(SMOLLM2)
     teacher_state = load_model(teacher_dir, "float32", "cpu").state_dict()
 
