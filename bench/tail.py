@@ -1,7 +1,8 @@
-"""What the top-k labels lose: students trained side by side on the teacher's tail, 4 ways.
+"""What the top-k labels lose: students trained side by side on the teacher's tail.
 
-    python -m bench.tail [--variants bucket sampled full ce] [--seed 0] [--samples 16]
-                        [--top-k 64 [128 ...]] [--init-from-teacher] [--epochs 1]
+    python -m bench.tail [--variants bucket sampled full ce prior unigram] [--seed 0]
+                        [--samples 16] [--top-k 64 [128 ...]] [--init-from-teacher] [--epochs 1]
+                        [--threads 2]
 
 raykd's labels keep the teacher's top-k probabilities exactly and its remaining mass as
 one number (`raykd.student.losses`): the student learns how much mass belongs outside the
@@ -14,6 +15,9 @@ full logits; every variant sees the same batches, initial weights and schedule:
   sampled  bucket + the tail's shape from m ids drawn from the teacher's tail distribution
            (the chain rule KL(p||q) = KL over top-k + tail outcome + p_tail KL(p~||q~),
            its last term's gradient estimated without bias from the draws)
+  prior    bucket + the tail's shape taken from one fixed vector for the whole run (no
+           bytes per token): the teacher's average distribution over the training data
+  unigram  as prior, the vector being the training tokens' add-one unigram frequencies
   full     KL over the whole vocabulary
   ce       next-token cross-entropy alone
 
@@ -52,7 +56,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["bucket", "sampled", "full", "ce"],
-                    choices=["bucket", "sampled", "full", "ce"])
+                    choices=["bucket", "sampled", "full", "ce", "prior", "unigram"])
     ap.add_argument("--seed", type=int, default=0, help="data order and student init")
     ap.add_argument("--samples", type=int, default=16, help="tail ids drawn per position")
     ap.add_argument("--top-k", type=int, nargs="+", default=[64],
@@ -82,9 +86,11 @@ def main() -> None:
             return teacher(input_ids=ids).logits.float()
 
     started, batches = time.time(), []
+    mean_p = torch.zeros(V, dtype=torch.float64)  # the teacher's average distribution
     for s in range(0, len(train), B):
         ids = torch.from_numpy(train[order[s:s + B]]).long()
         log_p = torch.log_softmax(teacher_logits(ids), -1)
+        mean_p += log_p.exp().sum((0, 1)).double()
         top_lp, top_ids = log_p.topk(K, -1)
         tail = tail_log_mass(top_lp)
         tail_p = log_p.exp().scatter(-1, top_ids, 0.0).reshape(-1, V)
@@ -96,6 +102,12 @@ def main() -> None:
                  for k in args.top_k}
     print(json.dumps({"labels_s": round(time.time() - started, 1),
                       "mean_tail_mass": tail_mass, "machine": machine()}), flush=True)
+    # Fixed tail shapes, one vector for the whole run (no bytes per token): the teacher's
+    # average distribution, or the training tokens' add-one unigram frequencies.
+    tail_shape = {"prior": (mean_p / mean_p.sum()).float(),
+                  "unigram": (torch.bincount(torch.from_numpy(train).long().flatten(),
+                                             minlength=V).double() + 1).float()}
+    tail_shape["unigram"] /= tail_shape["unigram"].sum()
     mask = torch.ones(B, L)
     mask[:, -1] = 0  # the last position has no next token
 
@@ -118,6 +130,12 @@ def main() -> None:
             log_q_tail = tail_log_mass(x.gather(-1, top_ids) - lse)
             log_q_drawn = x.gather(-1, draws) - lse - log_q_tail[..., None]  # log q~(j)
             kd = kd + tail.exp() * -log_q_drawn.mean(-1)  # + p_tail H(p~, q~), estimated
+        if variant in tail_shape:  # as sampled, the tail's shape taken from a fixed vector
+            lse = torch.logsumexp(x, -1, keepdim=True)
+            log_q_tail = tail_log_mass(x.gather(-1, top_ids) - lse)
+            r = tail_shape[variant].expand_as(x).scatter(-1, top_ids, 0.0)
+            r = r / r.sum(-1, keepdim=True)
+            kd = kd + tail.exp() * -(r * (x - lse - log_q_tail[..., None])).sum(-1)
         return ((0.5 * kd + 0.5 * ce) * mask).sum() / mask.sum()
 
     def held_out_ppl(model) -> float:
