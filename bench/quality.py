@@ -12,6 +12,8 @@ data, token budget (one epoch), schedule, seed and held-out set; only the signal
   kd_topk_compact  raykd's default: top-64 labels, compact encoding, tail kept, streamed
                    from the teacher pool through the label cache
   kd_topk_init     as kd_topk_compact, the student initialised from every n-th teacher layer
+  kd_topk_tail64   as kd_topk_compact, plus 64 ids per position drawn from the teacher's
+                   distribution outside the top-64 (labels.tail_samples; its own cache)
 
 and, on request (--only kd_topk_alpha1 kd_full_vocab_alpha1), the two KD runs with all the
 weight on the teacher (alpha = 1, no cross-entropy term).
@@ -36,12 +38,13 @@ PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_nig
 
 
 def job(out: str, name: str, plays: list[str], layers: int, **over: dict) -> dict:
+    tail = over.get("labels", {}).get("tail_samples", 0)  # one cache per lineage
     spec = {
         "run": {"name": name, "output_dir": out, "seed": 0},
         "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in plays], "seq_len": 128,
                  "eval_fraction": 0.04, "eval_max_samples": 32},
         "teacher": {"model": SMOLLM2, "batch_size": 8, "num_cpus": 1},
-        "labels": {"top_k": 64, "temperature": 1.0, "cache": f"{out}/label-cache"},
+        "labels": {"top_k": 64, "temperature": 1.0, "cache": f"{out}/label-cache-tail{tail}"},
         "student": {"num_layers": layers, "init_from_teacher": False},
         "loss": {"alpha": 0.5, "kind": "forward_kl"},
         "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 8,
@@ -58,6 +61,8 @@ RUNS = {
     "kd_topk_compact": {},
     "ce_only": {"loss": {"alpha": 0.0}},
     "kd_topk_init": {"student": {"init_from_teacher": True}},
+    # As kd_topk_compact, plus 64 ids drawn per position from the teacher's tail.
+    "kd_topk_tail64": {"labels": {"tail_samples": 64}},
     # All weight on the teacher's distribution (alpha = 1), otherwise as kd_topk_compact.
     "kd_topk_alpha1": {"loss": {"alpha": 1.0}},
     "kd_full_vocab_alpha1": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
@@ -148,6 +153,11 @@ def main() -> None:
     if {"kd_full_vocab_alpha1", "kd_topk_alpha1"} <= set(ppl):
         ratios["kd_topk_alpha1_vs_full_vocab_alpha1"] = round(
             ppl["kd_topk_alpha1"] / ppl["kd_full_vocab_alpha1"] - 1, 4)
+    if {"ce_only", "kd_topk_tail64"} <= set(ppl):
+        ratios["kd_topk_tail64_vs_ce_only"] = round(ppl["kd_topk_tail64"] / ppl["ce_only"] - 1, 4)
+    if {"kd_full_vocab", "kd_topk_tail64"} <= set(ppl):
+        ratios["kd_topk_tail64_vs_full_vocab"] = round(
+            ppl["kd_topk_tail64"] / ppl["kd_full_vocab"] - 1, 4)
     if {"kd_full_vocab", "kd_topk_compact"} <= set(ppl):
         ratios["kd_topk_vs_full_vocab"] = round(ppl["kd_topk_compact"] / ppl["kd_full_vocab"]
                                                 - 1, 4)
