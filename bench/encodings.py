@@ -1,6 +1,6 @@
 """Soft-label encodings: bytes per token on disk and KD-loss error, side by side.
 
-    python -m bench.encodings [--sequences 16] [--k 64]
+    python -m bench.encodings [--sequences 16] [--k 64] [--tail-samples 64]
 
 Labels: SmolLM2-135M-Instruct's top-k on Shakespeare (sequences of 128 tokens). Bytes
 per token: a cache shard exactly as raykd writes it (parquet, zstd 15), including the
@@ -10,6 +10,8 @@ students: SmolLM2 cut to 4 layers (evenly spaced, untrained: far from the teache
 the teacher's logits with noise (KL about 1 nat: near it); forward and reverse KL at
 T = 1 and 2; and, with --student DIR (default: runs/quickstart/student when it exists),
 a trained student too. The largest error over those cases is reported per encoding.
+With --tail-samples m, also the bytes per token of the same shard with m tail samples
+per position (`labels.tail_samples`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=16)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--student", default="runs/quickstart/student")
+    ap.add_argument("--tail-samples", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
     model_dir = materialize(SMOLLM2)
@@ -76,13 +79,22 @@ def main() -> None:
                                     coded.log_tail).mean()
                     worst = max(worst, abs(float(got) / float(ref) - 1))
             if T == 1.0:
-                shard = {"sample_id": np.arange(len(ids), dtype=np.int64),
-                         "input_ids": ids.numpy().astype(np.int32),
+                sample_ids = np.arange(len(ids), dtype=np.int64)
+                shard = {"sample_id": sample_ids, "input_ids": ids.numpy().astype(np.int32),
                          "length": np.full(len(ids), 128, np.int32),
-                         "labeled_at": np.zeros(len(ids)), **cols}
-                size = len(table_bytes(shard, LINEAGE))
+                         "labeled_at": np.zeros(len(ids))}
+                size = len(table_bytes({**shard, **cols}, LINEAGE))
+                if args.tail_samples:
+                    drawn = LabelConfig(top_k=args.k, encoding=encoding,
+                                        tail_samples=args.tail_samples)
+                    tail_size = len(table_bytes(
+                        {**shard, **label_logits(t_logits, drawn, vocab, sample_ids)},
+                        LINEAGE))
         rows[encoding] = {"bytes_per_token": round(size / tokens, 1),
                           "max_rel_loss_error": float(f"{worst:.2e}")}
+        if args.tail_samples:
+            rows[encoding][f"bytes_per_token_with_{args.tail_samples}_tail_samples"] = round(
+                tail_size / tokens, 1)
     report("encodings", {"k": args.k, "tokens": tokens, "students": list(students),
                          "results": rows,
                          "goal": "compact <= 128 B/token at k=64, error <= 1e-3"})

@@ -14,8 +14,11 @@ signal differs:
                    from the teacher pool through the label cache
   kd_topk_init     as kd_topk_compact, the student initialised from every n-th teacher layer
 
-and, on request (--only kd_topk_alpha1 kd_full_vocab_alpha1), the two KD runs with all the
-weight on the teacher (alpha = 1, no cross-entropy term).
+and, on request (--only ...), kd_top512_compact (top-512 labels) and kd_topk_tail64 (as
+kd_topk_compact, plus 64 ids per position drawn from the teacher's distribution outside
+the top-64: labels.tail_samples), each with its own label cache; and
+the two KD runs with all the weight on the teacher (kd_topk_alpha1, kd_full_vocab_alpha1:
+alpha = 1, no cross-entropy term).
 
 alpha = 0.5, T = 1 for the KD runs (the quickstart's settings). The student starts from
 random weights except in kd_topk_init. kd_topk_compact runs first and fills the label
@@ -54,7 +57,8 @@ def job(out: str, name: str, plays: list[str], layers: int, epochs: int = 1, **o
     for part, values in over.items():
         spec[part] = {**spec[part], **values}
     # One cache per top-k: a cache holds labels of one lineage and refuses any other.
-    spec["labels"]["cache"] = f"{out}/label-cache-k{spec['labels']['top_k']}"
+    labels = spec["labels"]
+    labels["cache"] = f"{out}/label-cache-k{labels['top_k']}-tail{labels.get('tail_samples', 0)}"
     return spec
 
 
@@ -65,6 +69,8 @@ RUNS = {
     # The default encoding with 8x the ids: how far top-k must go to match the whole
     # vocabulary (bench.tail: k = 512 closes the gap on one epoch, at ~8x the bytes).
     "kd_top512_compact": {"labels": {"top_k": 512}},
+    # As kd_topk_compact, plus 64 ids drawn per position from the teacher's tail.
+    "kd_topk_tail64": {"labels": {"tail_samples": 64}},
     # All weight on the teacher's distribution (alpha = 1), otherwise as kd_topk_compact.
     "kd_topk_alpha1": {"loss": {"alpha": 1.0}},
     "kd_full_vocab_alpha1": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
@@ -117,7 +123,7 @@ def main() -> None:
                          "other than 1, the default --out and --results get a suffix")
     ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep].png")
     ap.add_argument("--only", nargs="*", choices=list(RUNS),
-                    default=[r for r in RUNS if "alpha1" not in r and "512" not in r])
+                    default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512", "tail"))])
     ap.add_argument("--results", default=None,
                     help="results of earlier invocations are kept and plotted too "
                          "(default docs/quality[-<n>ep].json)")
@@ -162,6 +168,10 @@ def main() -> None:
     if {"kd_full_vocab_alpha1", "kd_topk_alpha1"} <= set(ppl):
         ratios["kd_topk_alpha1_vs_full_vocab_alpha1"] = round(
             ppl["kd_topk_alpha1"] / ppl["kd_full_vocab_alpha1"] - 1, 4)
+    for name in ("kd_top512_compact", "kd_topk_tail64"):
+        if {"ce_only", "kd_full_vocab", name} <= set(ppl):
+            ratios[f"{name}_vs_ce_only"] = round(ppl[name] / ppl["ce_only"] - 1, 4)
+            ratios[f"{name}_vs_full_vocab"] = round(ppl[name] / ppl["kd_full_vocab"] - 1, 4)
     if {"kd_full_vocab", "kd_topk_compact"} <= set(ppl):
         ratios["kd_topk_vs_full_vocab"] = round(ppl["kd_topk_compact"] / ppl["kd_full_vocab"]
                                                 - 1, 4)

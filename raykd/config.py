@@ -90,6 +90,12 @@ class JobConfig:
                 f"{t.batch_size} is not divisible by train.micro_batch_size x "
                 f"train.num_workers = {t.micro_batch_size} x {t.num_workers} = {per_step}",
             )
+        if self.labels.tail_samples and self.loss.kind != "forward_kl":
+            raise ConfigError(
+                "labels.tail_samples",
+                f"tail samples estimate the forward KL only; loss.kind is {self.loss.kind} "
+                "(set labels.tail_samples: 0, or loss.kind: forward_kl)",
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -110,6 +110,7 @@ def lineage(job: JobConfig, files: FileSet, model_dir: str, vocab_limit: int | N
         encoding=job.labels.encoding,
         dtype=resolve_dtype(job.teacher),
         vocab_limit=vocab_limit,
+        tail_samples=job.labels.tail_samples,
     )
 
 

@@ -71,12 +71,21 @@ def expected_train(job) -> set[int]:
 def test_distill_two_workers(ray_cluster, teacher_dir, tmp_path, zero_stage):
     from raykd.runner import run
 
-    job = job_from_dict(tiny_job(teacher_dir, tmp_path, f"zero{zero_stage}",
-                                 zero_stage=zero_stage, checkpoint_every=10))
+    raw = tiny_job(teacher_dir, tmp_path, f"zero{zero_stage}", zero_stage=zero_stage,
+                   checkpoint_every=10)
+    if zero_stage == 2:  # and tail samples: they stream, are cached and reach the loss
+        raw["labels"]["tail_samples"] = 4
+    job = job_from_dict(raw)
     outcome = run(job, log=lambda _: None)
     s = outcome.summary
     assert s["status"] == "succeeded", s
     run_dir = outcome.run_dir
+    if zero_stage == 2:
+        import pyarrow.parquet as pq
+
+        shards = sorted(Path(s["label_cache"]).rglob("*.parquet"))
+        assert shards and {"tail_id_planes", "tail_entropy"} <= set(
+            pq.read_schema(shards[0]).names)
 
     # Every training sample was trained on exactly once: the ledger holds exactly the
     # training split, and as many rows went through the model as it has samples.

@@ -52,18 +52,25 @@ class Lineage:
     encoding: str
     dtype: str  # teacher inference dtype
     vocab_limit: int | None  # logits cut to this many tokens (student.vocab: truncate)
+    # Fields added later, with defaults: left out of the key and the JSON while at their
+    # default, so caches written before them keep their keys and stay readable.
+    tail_samples: int = 0
 
     def key(self) -> str:
-        return _digest(json.dumps(dataclasses.asdict(self), sort_keys=True).encode())[:16]
+        return _digest(self.to_json().encode())[:16]
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        values = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.default is not dataclasses.MISSING and values[f.name] == f.default:
+                del values[f.name]
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Lineage:
         data = json.loads(text)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: data.get(k) for k in names})
+        return cls(**{f.name: data.get(f.name, None if f.default is dataclasses.MISSING
+                                       else f.default) for f in dataclasses.fields(cls)})
 
     def differences(self, other: Lineage) -> list[str]:
         return [f.name for f in dataclasses.fields(self)

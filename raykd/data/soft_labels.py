@@ -17,6 +17,16 @@ the top-k, 1 - sum_i p_i, where lse = logsumexp(z / T) over the *full* vocabular
              compress well): about 130 bytes per token at k = 64 on Shakespeare with
              SmolLM2, everything in the shard included (bench/encodings.py).
 
+With `labels.tail_samples` = m > 0, every encoding also carries m token ids per position
+drawn from the teacher's tempered distribution renormalised over the ids outside the
+top-k, and that distribution's entropy (exact: int32 / float32; fp16: 16-bit ids /
+float16; compact: the draws sorted and delta-coded like the top-k ids):
+
+    tail_ids (L, m) or tail_id_planes uint8 (L, P, m),   tail_entropy (L,)
+
+The loss uses them for the one part of the forward KL that the top-k + tail outcome
+leaves out (`raykd.student.losses.sparse_kl`).
+
 The lossy encodings store the tail mass itself rather than leave it to 1 - sum(decoded
 p_i): when the teacher is confident the tail is tiny, and a 0.1 % error in the top
 probabilities would be a large error in it, which reverse KL weighs by the student's own
@@ -63,6 +73,13 @@ class LabelConfig:
         "compact", "Soft-label encoding: exact (int32 ids, fp32 logits + lse), fp16 "
         "(16-bit ids and log-probs) or compact (delta-coded ids, 8-bit probabilities)."
     )
+    tail_samples: int = doc(
+        0, "Token ids drawn per position, with replacement, from the teacher's tempered "
+        "distribution outside the top-k (seeded by the sample, so a relabelled sample gets "
+        "the same draws). They teach the student the shape of the mass the top-k leave out, "
+        "an unbiased estimate of the full-vocabulary forward KL (loss.kind forward_kl); "
+        "0 keeps that mass as one outcome."
+    )
     cache: str | None = doc(
         "auto", "Soft-label cache directory (local or s3://): labels are written through "
         "while they stream, and later epochs and later runs with the same lineage read "
@@ -75,39 +92,77 @@ class LabelConfig:
             raise ConfigError("top_k", f"must be >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
+        if self.tail_samples < 0:
+            raise ConfigError("tail_samples", f"must be >= 0, got {self.tail_samples}")
 
 
 @dataclass
 class SoftLabels:
     """Decoded soft labels as torch tensors: the teacher's top-k support, its tempered
     log-probabilities there, and the log of the mass outside (None: derive it as
-    1 - sum p). Entry order is unspecified (compact sorts by id)."""
+    1 - sum p). Entry order is unspecified (compact sorts by id). With tail samples: ids
+    drawn from the teacher's distribution outside the top-k, and that distribution's
+    entropy."""
 
     topk_ids: Any  # (B, L, k) int64
     log_p: Any  # (B, L, k) float32, log softmax(z / T) at those ids
     log_tail: Any = None  # (B, L) float32 or None
+    tail_ids: Any = None  # (B, L, m) int64 or None
+    tail_entropy: Any = None  # (B, L) float32 or None, in nats
+
+
+def tail_samples_for(config: LabelConfig, vocab_size: int) -> int:
+    """Draws per position: none when the top-k already hold the whole vocabulary."""
+    return config.tail_samples if min(config.top_k, vocab_size) < vocab_size else 0
+
+
+def sample_tail(z: Any, topk_ids: Any, m: int, seeds: Any) -> tuple[Any, Any]:
+    """m draws per position from softmax(z) restricted to the ids outside topk_ids.
+
+    z (B, L, V) the tempered logits; topk_ids (B, L, k); seeds (B,) one integer per row,
+    the row's sample id: the draws depend only on it and the logits, so a sample labelled
+    again after a failure gets the same ones. Returns ids (B, L, m) int64 and the tail
+    distribution's entropy (B, L) float32.
+    """
+    import torch
+
+    draws, entropies = [], []
+    seeds = seeds.tolist() if hasattr(seeds, "tolist") else list(seeds)
+    for row_z, row_top, seed in zip(z, topk_ids, seeds):  # a row at a time: 1/B the memory
+        # Renormalised within the tail, so a confident teacher's tail never underflows to
+        # all zeros (multinomial would refuse it).
+        log_pt = torch.log_softmax(row_z.float().scatter(-1, row_top.long(), float("-inf")),
+                                   dim=-1)
+        pt = log_pt.exp()
+        entropies.append(-(pt * log_pt.masked_fill(pt == 0, 0.0)).sum(-1))
+        g = torch.Generator(device=pt.device)
+        g.manual_seed(int(np.random.SeedSequence([0x7A11, int(seed) & (2**63 - 1)])
+                          .generate_state(1, np.uint64)[0]) >> 1)
+        draws.append(torch.multinomial(pt, m, replacement=True, generator=g))  # (L, m)
+    return torch.stack(draws), torch.stack(entropies)
 
 
 def encode(topk_ids: Any, topk_logits: Any, lse: Any, config: LabelConfig,
-           vocab_size: int) -> dict[str, np.ndarray]:
-    """Teacher output (torch, (B, L, k) sorted by descending logit; lse (B, L) at T)
-    -> numpy columns in the job's encoding."""
+           vocab_size: int, tail: tuple[Any, Any] | None = None) -> dict[str, np.ndarray]:
+    """Teacher output (torch, (B, L, k) sorted by descending logit; lse (B, L) at T;
+    tail: `sample_tail`'s ids and entropy, when the job draws them) -> numpy columns in
+    the job's encoding."""
     import torch
 
+    extra = {} if tail is None else _encode_tail(*tail, config.encoding, vocab_size)
     if config.encoding == "exact":
         return {"topk_ids": topk_ids.to(torch.int32).cpu().numpy(),
                 "topk_logits": topk_logits.float().cpu().numpy(),
-                "lse": lse.float().cpu().numpy()}
+                "lse": lse.float().cpu().numpy(), **extra}
     from raykd.student.losses import tail_log_mass
 
     log_p = topk_logits.float() / config.temperature - lse.float().unsqueeze(-1)
-    tail = {"tail_logprob": tail_log_mass(log_p).half().cpu().numpy()}
+    extra["tail_logprob"] = tail_log_mass(log_p).half().cpu().numpy()
     if config.encoding == "fp16":
-        id_dtype = torch.int32 if vocab_size > 65536 else torch.uint16
-        return {"topk_ids": topk_ids.to(id_dtype).cpu().numpy(),
-                "topk_logprobs": log_p.half().cpu().numpy(), **tail}
+        return {"topk_ids": topk_ids.to(_id_dtype(vocab_size)).cpu().numpy(),
+                "topk_logprobs": log_p.half().cpu().numpy(), **extra}
     if config.encoding == "compact":
-        return {**_encode_compact(topk_ids, log_p, vocab_size), **tail}
+        return {**_encode_compact(topk_ids, log_p, vocab_size), **extra}
     raise ValueError(f"unknown soft-label encoding {config.encoding!r}")
 
 
@@ -115,45 +170,82 @@ def decode(batch: dict[str, Any], temperature: float, device: Any = None) -> Sof
     """Columns of a batch (torch tensors) -> SoftLabels on `device`, any encoding."""
     import torch
 
+    tail_ids, tail_entropy = _decode_tail(batch, device)
     if "topk_logits" in batch:
         logits = batch["topk_logits"].to(device=device, dtype=torch.float32)
         lse = batch["lse"].to(device=device, dtype=torch.float32)
         return SoftLabels(batch["topk_ids"].to(device=device, dtype=torch.long),
-                          logits / temperature - lse.unsqueeze(-1))
+                          logits / temperature - lse.unsqueeze(-1), None, tail_ids,
+                          tail_entropy)
     tail = batch.get("tail_logprob")
     tail = None if tail is None else tail.to(device=device, dtype=torch.float32)
     if "topk_logprobs" in batch:
         return SoftLabels(_ids(batch["topk_ids"], device),
-                          batch["topk_logprobs"].to(device=device, dtype=torch.float32), tail)
+                          batch["topk_logprobs"].to(device=device, dtype=torch.float32), tail,
+                          tail_ids, tail_entropy)
     if "topk_id_planes" in batch:
         ids, log_p = _decode_compact(batch, device)
-        return SoftLabels(ids, log_p, tail)
+        return SoftLabels(ids, log_p, tail, tail_ids, tail_entropy)
     raise KeyError("batch has no soft-label columns (topk_logits, topk_logprobs or "
                    "topk_id_planes)")
 
 
-def label_columns(encoding: str) -> tuple[str, ...]:
-    return {"exact": ("topk_ids", "topk_logits", "lse"),
-            "fp16": ("topk_ids", "topk_logprobs", "tail_logprob"),
-            "compact": ("topk_id_planes", "topk_q", "top_logprob", "tail_logprob")}[encoding]
-
-
-def empty_label_columns(encoding: str, batch: int, seq_len: int, k: int, vocab_size: int
-                        ) -> dict[str, np.ndarray]:
+def empty_label_columns(encoding: str, batch: int, seq_len: int, k: int, vocab_size: int,
+                        tail_samples: int = 0) -> dict[str, np.ndarray]:
     """Zero-filled label columns of the right dtypes and shapes (for padding batches)."""
+    extra = {}
+    if tail_samples:
+        ids_shape = (batch, seq_len, tail_samples)
+        extra = {"tail_entropy": np.zeros((batch, seq_len),
+                                          np.float32 if encoding == "exact" else np.float16)}
+        if encoding == "compact":
+            extra["tail_id_planes"] = np.zeros((batch, seq_len, _planes(vocab_size),
+                                                tail_samples), np.uint8)
+        else:
+            extra["tail_ids"] = np.zeros(ids_shape, np.int32 if encoding == "exact"
+                                         else _np_id_dtype(vocab_size))
     if encoding == "exact":
         return {"topk_ids": np.zeros((batch, seq_len, k), np.int32),
                 "topk_logits": np.zeros((batch, seq_len, k), np.float32),
-                "lse": np.zeros((batch, seq_len), np.float32)}
-    tail = {"tail_logprob": np.zeros((batch, seq_len), np.float16)}
+                "lse": np.zeros((batch, seq_len), np.float32), **extra}
+    extra["tail_logprob"] = np.zeros((batch, seq_len), np.float16)
     if encoding == "fp16":
-        id_dtype = np.int32 if vocab_size > 65536 else np.uint16
-        return {"topk_ids": np.zeros((batch, seq_len, k), id_dtype),
-                "topk_logprobs": np.zeros((batch, seq_len, k), np.float16), **tail}
+        return {"topk_ids": np.zeros((batch, seq_len, k), _np_id_dtype(vocab_size)),
+                "topk_logprobs": np.zeros((batch, seq_len, k), np.float16), **extra}
     planes = _planes(vocab_size)
     return {"topk_id_planes": np.zeros((batch, seq_len, planes, k), np.uint8),
             "topk_q": np.zeros((batch, seq_len, k), np.uint8),
-            "top_logprob": np.zeros((batch, seq_len), np.float16), **tail}
+            "top_logprob": np.zeros((batch, seq_len), np.float16), **extra}
+
+
+# --------------------------------------------------------------------------- tail samples
+
+
+def _encode_tail(ids: Any, entropy: Any, encoding: str, vocab_size: int
+                 ) -> dict[str, np.ndarray]:
+    import torch
+
+    if encoding == "exact":
+        return {"tail_ids": ids.to(torch.int32).cpu().numpy(),
+                "tail_entropy": entropy.float().cpu().numpy()}
+    out = {"tail_entropy": entropy.half().cpu().numpy()}
+    if encoding == "compact":  # the draws' order carries nothing: sort and delta-code them
+        out["tail_id_planes"] = _delta_planes(torch.sort(ids.long(), dim=-1).values,
+                                              vocab_size)
+    else:
+        out["tail_ids"] = ids.to(_id_dtype(vocab_size)).cpu().numpy()
+    return out
+
+
+def _decode_tail(batch: dict[str, Any], device: Any) -> tuple[Any, Any]:
+    import torch
+
+    if "tail_entropy" not in batch:
+        return None, None
+    entropy = batch["tail_entropy"].to(device=device, dtype=torch.float32)
+    if "tail_id_planes" in batch:
+        return _undelta(batch["tail_id_planes"], device), entropy
+    return _ids(batch["tail_ids"], device), entropy
 
 
 # --------------------------------------------------------------------------- compact
@@ -163,6 +255,34 @@ def _planes(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(max(vocab_size, 2)) / 8))
 
 
+def _id_dtype(vocab_size: int) -> Any:
+    import torch
+
+    return torch.int32 if vocab_size > 65536 else torch.uint16
+
+
+def _np_id_dtype(vocab_size: int) -> Any:
+    return np.int32 if vocab_size > 65536 else np.uint16
+
+
+def _delta_planes(sorted_ids: Any, vocab_size: int) -> np.ndarray:
+    """Ascending ids (..., n) -> their deltas split into byte planes (..., P, n) uint8."""
+    import torch
+
+    delta = torch.diff(sorted_ids, dim=-1, prepend=torch.zeros_like(sorted_ids[..., :1]))
+    planes = [((delta >> (8 * p)) & 0xFF).to(torch.uint8) for p in range(_planes(vocab_size))]
+    return torch.stack(planes, dim=-2).cpu().numpy()
+
+
+def _undelta(planes: Any, device: Any) -> Any:
+    """`_delta_planes` inverted: (..., P, n) uint8 -> ascending ids (..., n) int64."""
+    import torch
+
+    planes = planes.to(device=device, dtype=torch.long)
+    shifts = (8 * torch.arange(planes.shape[-2], device=planes.device)).view(1, 1, -1, 1)
+    return torch.cumsum((planes << shifts).sum(-2), dim=-1)
+
+
 def _encode_compact(topk_ids: Any, log_p: Any, vocab_size: int) -> dict[str, np.ndarray]:
     import torch
 
@@ -170,9 +290,7 @@ def _encode_compact(topk_ids: Any, log_p: Any, vocab_size: int) -> dict[str, np.
     ids, order = torch.sort(topk_ids.long(), dim=-1)
     lp = log_p.gather(-1, order)
     q = torch.round(torch.exp((lp - top) / _Q_ROOT) * _Q_MAX).clamp(0, _Q_MAX).to(torch.uint8)
-    delta = torch.diff(ids, dim=-1, prepend=torch.zeros_like(ids[..., :1]))
-    planes = [((delta >> (8 * p)) & 0xFF).to(torch.uint8) for p in range(_planes(vocab_size))]
-    return {"topk_id_planes": torch.stack(planes, dim=-2).cpu().numpy(),  # (B, L, P, k)
+    return {"topk_id_planes": _delta_planes(ids, vocab_size),  # (B, L, P, k)
             "topk_q": q.cpu().numpy(),
             "top_logprob": top.squeeze(-1).half().cpu().numpy()}
 
@@ -180,9 +298,7 @@ def _encode_compact(topk_ids: Any, log_p: Any, vocab_size: int) -> dict[str, np.
 def _decode_compact(batch: dict[str, Any], device: Any) -> tuple[Any, Any]:
     import torch
 
-    planes = batch["topk_id_planes"].to(device=device, dtype=torch.long)  # (B, L, P, k)
-    shifts = (8 * torch.arange(planes.shape[-2], device=planes.device)).view(1, 1, -1, 1)
-    ids = torch.cumsum((planes << shifts).sum(-2), dim=-1)
+    ids = _undelta(batch["topk_id_planes"], device)
     q = batch["topk_q"].to(device=device, dtype=torch.float32)
     top = batch["top_logprob"].to(device=device, dtype=torch.float32).unsqueeze(-1)
     # q = 0 means p < p_max / 510^3: decode it as half a step, not as probability 0, so

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from raykd.data.soft_labels import SoftLabels
+from raykd.data.soft_labels import SoftLabels, sample_tail, tail_samples_for
 from raykd.student.losses import tail_log_mass
 
 
@@ -33,8 +33,9 @@ class ColocatedTeacher:
         self.vocab = vocab_limit or self.model.config.vocab_size
         self.top_k = job.labels.top_k
         self.temperature = job.labels.temperature
+        self.tail_samples = tail_samples_for(job.labels, self.vocab)
 
-    def __call__(self, input_ids: torch.Tensor) -> SoftLabels:
+    def __call__(self, input_ids: torch.Tensor, sample_ids: torch.Tensor) -> SoftLabels:
         with torch.no_grad():
             logits = self.model(input_ids=input_ids.long()).logits[..., : self.vocab].float()
             z = logits / self.temperature
@@ -42,4 +43,8 @@ class ColocatedTeacher:
                 return SoftLabels(None, torch.log_softmax(z, dim=-1))
             top, ids = torch.topk(z, self.top_k, dim=-1, sorted=True)
             log_p = top - torch.logsumexp(z, dim=-1, keepdim=True)
-            return SoftLabels(ids, log_p, tail_log_mass(log_p))
+            labels = SoftLabels(ids, log_p, tail_log_mass(log_p))
+            if self.tail_samples:  # the pool's draws for the same sample and logits
+                labels.tail_ids, labels.tail_entropy = sample_tail(
+                    z, ids, self.tail_samples, sample_ids.cpu())
+            return labels

@@ -107,14 +107,16 @@ def chunked_distill_loss(
         return None if t is None else t.reshape(B * L, *t.shape[2:]).index_select(0, rows)
 
     topk_ids, log_p, log_tail = pick(labels.topk_ids), pick(labels.log_p), pick(labels.log_tail)
+    tail_ids, tail_entropy = pick(labels.tail_ids), pick(labels.tail_entropy)
 
     def chunk_loss(logits: torch.Tensor, lo: int, hi: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def rows_of(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[lo:hi]
+
         kd, ce = row_losses(
-            logits, targets[lo:hi],
-            None if topk_ids is None else topk_ids[lo:hi],
-            None if not with_kd else log_p[lo:hi],
-            temperature, kind, None if log_tail is None else log_tail[lo:hi])
+            logits, targets[lo:hi], rows_of(topk_ids), rows_of(log_p) if with_kd else None,
+            temperature, kind, rows_of(log_tail), rows_of(tail_ids), rows_of(tail_entropy))
         kd_sum, ce_sum = kd.sum(), ce.sum()
         return alpha * temperature**2 * kd_sum + (1.0 - alpha) * ce_sum, kd_sum.detach(), \
             ce_sum.detach()
@@ -153,7 +155,8 @@ class StudentLoss:
             return distill_loss(logits, input_ids, length, labels.topk_ids, labels.log_p,
                                 alpha=self.alpha, temperature=self.temperature,
                                 kind=self.kind, teacher_log_tail=labels.log_tail,
-                                with_kd=with_kd)
+                                with_kd=with_kd, tail_ids=labels.tail_ids,
+                                tail_entropy=labels.tail_entropy)
         hidden, weight = self._hidden(input_ids)
         return chunked_distill_loss(
             hidden, weight, input_ids, length, labels, alpha=self.alpha,

@@ -14,6 +14,17 @@ lower bound otherwise (KL cannot grow when outcomes are merged). Unlike dropping
 (what most top-k distillers do), it still tells the student how much mass belongs outside
 the top-k, so the student is not pushed to pile all its mass onto k tokens.
 
+With tail samples (`labels.tail_samples`), the forward KL is made whole by its chain rule,
+
+    KL(p || q) = [the (k+1)-outcome KL above] + p_tail KL(p~ || q~),
+
+p~ and q~ being the two distributions renormalised over the ids outside the top-k. The
+last term is p_tail (H(p~, q~) - H(p~)): the teacher stores H(p~) and m ids drawn from p~,
+and -mean log q~(drawn) estimates the cross-entropy H(p~, q~) without bias. So the loss,
+and its gradient, are unbiased estimates of the full-vocabulary forward KL's; the student
+learns the teacher's shape of the tail instead of keeping its own. (Reverse KL's tail
+would need the teacher's probabilities where the student puts its mass; not supported.)
+
 All maths is in fp32 whatever the model's dtype. Tail masses are floored at
 `TAIL_FLOOR`, where fp32 cannot tell 1 - sum from 0.
 """
@@ -54,6 +65,8 @@ def sparse_kl(
     temperature: float,
     kind: str = "forward_kl",
     teacher_log_tail: torch.Tensor | None = None,
+    tail_ids: torch.Tensor | None = None,
+    tail_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-position KL between teacher and student, both coarsened to top-k + tail.
 
@@ -61,7 +74,9 @@ def sparse_kl(
     (B, L, k) the teacher's tempered log-probabilities z_i / T - logsumexp(z / T), the
     log-sum-exp taken over its full vocabulary (`soft_labels.decode` gives them);
     teacher_log_tail (B, L) the log of its mass outside the top-k, when stored (else
-    derived from teacher_log_p). Returns (B, L) float32.
+    derived from teacher_log_p). With tail_ids (B, L, m), ids drawn from the teacher's
+    distribution outside the top-k, and tail_entropy (B, L) that distribution's entropy,
+    the estimated within-tail term is added (forward KL only). Returns (B, L) float32.
     """
     s = student_logits.float() / temperature
     s_lse = torch.logsumexp(s, dim=-1, keepdim=True)  # (B, L, 1)
@@ -72,6 +87,12 @@ def sparse_kl(
     if kind == "forward_kl":
         body = (log_p.exp() * (log_p - log_q)).sum(-1)
         tail = log_p_tail.exp() * (log_p_tail - log_q_tail)
+        if tail_ids is not None:
+            log_q_drawn = s.gather(-1, tail_ids) - s_lse - log_q_tail.unsqueeze(-1)  # log q~
+            cross = -log_q_drawn.mean(-1)  # estimates H(p~, q~)
+            tail = tail + log_p_tail.exp() * (cross - tail_entropy.float())
+    elif tail_ids is not None:
+        raise ValueError("tail samples estimate the forward KL only")
     elif kind == "reverse_kl":
         body = (log_q.exp() * (log_q - log_p)).sum(-1)
         tail = log_q_tail.exp() * (log_q_tail - log_p_tail)
@@ -108,6 +129,8 @@ def row_losses(
     temperature: float,
     kind: str = "forward_kl",
     teacher_log_tail: torch.Tensor | None = None,
+    tail_ids: torch.Tensor | None = None,
+    tail_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL, CE) per position: logits (..., V); targets (...) the next token ids; the
     teacher's labels as in `sparse_kl` (topk_ids None: `dense_kl`; teacher_log_p None: no
@@ -117,7 +140,8 @@ def row_losses(
     if teacher_log_p is None:
         return torch.zeros_like(ce), ce
     kd = (dense_kl(x, teacher_log_p, temperature, kind) if topk_ids is None else
-          sparse_kl(x, topk_ids, teacher_log_p, temperature, kind, teacher_log_tail))
+          sparse_kl(x, topk_ids, teacher_log_p, temperature, kind, teacher_log_tail,
+                    tail_ids, tail_entropy))
     return kd, ce
 
 
@@ -133,10 +157,13 @@ def distill_loss(
     kind: str = "forward_kl",
     teacher_log_tail: torch.Tensor | None = None,
     with_kd: bool | None = None,
+    tail_ids: torch.Tensor | None = None,
+    tail_entropy: torch.Tensor | None = None,
 ) -> LossParts:
     """alpha * T^2 * KL + (1 - alpha) * CE, averaged over positions with a next token.
 
-    Shapes as in `sparse_kl` (topk_ids None: teacher_log_p is over the full vocabulary,
+    Shapes as in `sparse_kl` (and tail_ids, tail_entropy: its tail samples, or None;
+    topk_ids None: teacher_log_p is over the full vocabulary,
     see `dense_kl`); input_ids (B, L); length (B,). Padding and the last real
     position (no target) are masked out of both terms, so a batch of length-0 rows is a
     zero loss that still runs forward/backward (how ranks that ran out of data keep
@@ -149,7 +176,7 @@ def distill_loss(
     with_kd = alpha > 0 if with_kd is None else with_kd
     targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))
     kd, ce = row_losses(student_logits, targets, topk_ids, teacher_log_p if with_kd else None,
-                        temperature, kind, teacher_log_tail)
+                        temperature, kind, teacher_log_tail, tail_ids, tail_entropy)
     kd = (kd * mask).sum() / denom
     ce = (ce * mask).sum() / denom
     loss = alpha * temperature**2 * kd + (1.0 - alpha) * ce

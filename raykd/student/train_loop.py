@@ -174,8 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  device)
             batch = {k: v.to(device) for k, v in batch.items()}
             batch["length"] = batch["length"] * keep.to(device)  # length 0: trains nothing
-            labels = (colocated(batch["input_ids"]) if colocated is not None else
-                      soft_labels.decode(batch, job.labels.temperature, device))
+            labels = _labels(batch, job, device, colocated)
             parts = student_loss(batch["input_ids"], batch["length"], labels)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(parts.loss)
@@ -246,8 +245,7 @@ def evaluate(engine: Any, student_loss: StudentLoss, rows: dict[str, np.ndarray]
     with torch.no_grad():
         for batch in _synced(chunks, lambda: _empty_batch(job, vocab_size), device):
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = (colocated(batch["input_ids"]) if colocated is not None else
-                      soft_labels.decode(batch, job.labels.temperature, device))
+            labels = _labels(batch, job, device, colocated)
             parts = student_loss(batch["input_ids"], batch["length"], labels, with_kd=True)
             sums += torch.stack([parts.ce * parts.tokens, parts.kd * parts.tokens,
                                  parts.tokens]).double().cpu()
@@ -274,12 +272,21 @@ def _synced(batches: Any, empty: Any, device: torch.device) -> Iterator[dict[str
         yield batch if batch is not None else empty()
 
 
+def _labels(batch: dict[str, torch.Tensor], job: Any, device: torch.device, colocated: Any
+            ) -> soft_labels.SoftLabels:
+    """The batch's soft labels: decoded from its columns, or from the co-located teacher."""
+    if colocated is not None:
+        return colocated(batch["input_ids"], batch["sample_id"])
+    return soft_labels.decode(batch, job.labels.temperature, device)
+
+
 def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
     """One row of length 0: contributes nothing, but runs the model like a real batch."""
     # (A co-located teacher labels batches itself: its empty batch needs no wide columns.)
     seq = job.data.seq_len
     k = min(job.labels.top_k, vocab_size, 8 if job.teacher.colocated else vocab_size)
-    labels = soft_labels.empty_label_columns(job.labels.encoding, 1, seq, k, vocab_size)
+    m = 0 if job.teacher.colocated else soft_labels.tail_samples_for(job.labels, vocab_size)
+    labels = soft_labels.empty_label_columns(job.labels.encoding, 1, seq, k, vocab_size, m)
     return {
         "sample_id": torch.zeros(1, dtype=torch.int64),
         "sample_index": torch.zeros(1, dtype=torch.int64),

@@ -74,7 +74,7 @@ class TeacherReplica:
         # so no attention mask is needed (and the fast SDPA path is kept).
         with torch.no_grad():
             logits = self.forward(ids)[..., : self.vocab_size].float()  # (B, L, V)
-            out = label_logits(logits, self.labels, self.vocab_size)
+            out = label_logits(logits, self.labels, self.vocab_size, batch.get("sample_id"))
             if self.emit_nll:
                 out["teacher_nll"] = next_token_nll(logits, ids).cpu().numpy()
         out["labeled_at"] = np.full((ids.shape[0],), time.time(), dtype=np.float64)
@@ -86,14 +86,23 @@ class TeacherReplica:
         return {**batch, **out}
 
 
-def label_logits(logits: Any, labels: LabelConfig, vocab_size: int) -> dict[str, np.ndarray]:
-    """Full logits (B, L, V) -> encoded top-k soft labels (see raykd.data.soft_labels)."""
+def label_logits(logits: Any, labels: LabelConfig, vocab_size: int,
+                 sample_ids: Any = None) -> dict[str, np.ndarray]:
+    """Full logits (B, L, V) -> encoded top-k soft labels (see raykd.data.soft_labels).
+    sample_ids (B,) seed the tail samples, when the job draws them."""
     import torch
 
     k = min(labels.top_k, logits.shape[-1])
     top_logits, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
     lse = torch.logsumexp(logits / labels.temperature, dim=-1)
-    return soft_labels.encode(top_ids, top_logits, lse, labels, vocab_size)
+    m = soft_labels.tail_samples_for(labels, logits.shape[-1])
+    tail = None
+    if m:
+        if sample_ids is None:
+            raise ValueError("tail samples are seeded by the rows' sample ids; none given")
+        tail = soft_labels.sample_tail(logits / labels.temperature, top_ids, m,
+                                       np.asarray(sample_ids))
+    return soft_labels.encode(top_ids, top_logits, lse, labels, vocab_size, tail)
 
 
 def next_token_nll(logits: Any, ids: Any) -> Any:
