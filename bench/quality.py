@@ -1,6 +1,7 @@
 """Distillation quality: held-out perplexity of one student trained four ways.
 
-    python -m bench.quality [--plays 2] [--layers 8] [--epochs 1] [--out docs/quality.png]
+    python -m bench.quality [--plays 2] [--layers 8] [--epochs 1] [--seed 0]
+                            [--out docs/quality.png]
 
 SmolLM2-135M-Instruct (30 layers) teaches a student with a quarter of its layers
 (default 8, the teacher's width and vocabulary) on Shakespeare. Every run has the same
@@ -39,10 +40,10 @@ from bench.common import SMOLLM2, TEXTS, report
 PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night"]
 
 
-def job(out: str, name: str, plays: list[str], layers: int, epochs: int = 1, **over: dict
-        ) -> dict:
+def job(out: str, name: str, plays: list[str], layers: int, epochs: int = 1, seed: int = 0,
+        **over: dict) -> dict:
     spec = {
-        "run": {"name": name, "output_dir": out, "seed": 0},
+        "run": {"name": name, "output_dir": out, "seed": seed},
         "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in plays], "seq_len": 128,
                  "eval_fraction": 0.04, "eval_max_samples": 32},
         "teacher": {"model": SMOLLM2, "batch_size": 8, "num_cpus": 1},
@@ -121,6 +122,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1,
                     help="passes over the training data (later ones from the label cache); "
                          "other than 1, the default --out and --results get a suffix")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="run.seed: the student's initial weights and the data order; "
+                         "other than 0, the default --out and --results get a suffix")
     ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep].png")
     ap.add_argument("--only", nargs="*", choices=list(RUNS),
                     default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512", "tail"))])
@@ -129,7 +133,8 @@ def main() -> None:
                          "(default docs/quality[-<n>ep].json)")
     ap.add_argument("--plot-only", action="store_true", help="replot --results, run nothing")
     args = ap.parse_args()
-    suffix = "" if args.epochs == 1 else f"-{args.epochs}ep"
+    suffix = ("" if args.epochs == 1 else f"-{args.epochs}ep") + \
+        ("" if args.seed == 0 else f"-seed{args.seed}")
     args.out = args.out or f"docs/quality{suffix}.png"
     args.results = args.results or f"docs/quality{suffix}.json"
     if args.plot_only:
@@ -144,7 +149,8 @@ def main() -> None:
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         for name in args.only:
-            s = run(job_from_dict(job(out, name, plays, args.layers, args.epochs, **RUNS[name])),
+            s = run(job_from_dict(job(out, name, plays, args.layers, args.epochs, args.seed,
+                                     **RUNS[name])),
                     log=lambda line: print(line, flush=True)).summary
             rows = [m for m in read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
                     if "eval_ppl" in m]
