@@ -35,7 +35,9 @@ class RunOptions:
 
     name: str = doc("raykd", "Run name; the run directory is output_dir/name.")
     output_dir: str = doc("runs", "Directory that holds run directories.")
-    seed: int = doc(0, "Seed for student init, data order within workers and dropout.")
+    seed: int = doc(
+        0, "Seed for the student's initial weights and its dropout (data is not shuffled)."
+    )
     ray_address: str | None = doc(
         None, "Ray cluster to join ('auto', 'ray://...'); null starts embedded Ray here."
     )

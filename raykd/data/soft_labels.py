@@ -159,7 +159,7 @@ def encode(topk_ids: Any, topk_logits: Any, lse: Any, config: LabelConfig,
     log_p = topk_logits.float() / config.temperature - lse.float().unsqueeze(-1)
     extra["tail_logprob"] = tail_log_mass(log_p).half().cpu().numpy()
     if config.encoding == "fp16":
-        return {"topk_ids": topk_ids.to(_id_dtype(vocab_size)).cpu().numpy(),
+        return {"topk_ids": _id_array(topk_ids, vocab_size),
                 "topk_logprobs": log_p.half().cpu().numpy(), **extra}
     if config.encoding == "compact":
         return {**_encode_compact(topk_ids, log_p, vocab_size), **extra}
@@ -203,14 +203,14 @@ def empty_label_columns(encoding: str, batch: int, seq_len: int, k: int, vocab_s
                                                 tail_samples), np.uint8)
         else:
             extra["tail_ids"] = np.zeros(ids_shape, np.int32 if encoding == "exact"
-                                         else _np_id_dtype(vocab_size))
+                                         else _id_dtype(vocab_size))
     if encoding == "exact":
         return {"topk_ids": np.zeros((batch, seq_len, k), np.int32),
                 "topk_logits": np.zeros((batch, seq_len, k), np.float32),
                 "lse": np.zeros((batch, seq_len), np.float32), **extra}
     extra["tail_logprob"] = np.zeros((batch, seq_len), np.float16)
     if encoding == "fp16":
-        return {"topk_ids": np.zeros((batch, seq_len, k), _np_id_dtype(vocab_size)),
+        return {"topk_ids": np.zeros((batch, seq_len, k), _id_dtype(vocab_size)),
                 "topk_logprobs": np.zeros((batch, seq_len, k), np.float16), **extra}
     planes = _planes(vocab_size)
     return {"topk_id_planes": np.zeros((batch, seq_len, planes, k), np.uint8),
@@ -233,7 +233,7 @@ def _encode_tail(ids: Any, entropy: Any, encoding: str, vocab_size: int
         out["tail_id_planes"] = _delta_planes(torch.sort(ids.long(), dim=-1).values,
                                               vocab_size)
     else:
-        out["tail_ids"] = ids.to(_id_dtype(vocab_size)).cpu().numpy()
+        out["tail_ids"] = _id_array(ids, vocab_size)
     return out
 
 
@@ -255,14 +255,16 @@ def _planes(vocab_size: int) -> int:
     return max(1, math.ceil(math.log2(max(vocab_size, 2)) / 8))
 
 
-def _id_dtype(vocab_size: int) -> Any:
+def _id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest integer type that holds every id of the vocabulary."""
+    return np.dtype(np.int32 if vocab_size > 65536 else np.uint16)
+
+
+def _id_array(ids: Any, vocab_size: int) -> np.ndarray:
+    """Token ids (a torch tensor) -> numpy, in `_id_dtype` (torch has the same names)."""
     import torch
 
-    return torch.int32 if vocab_size > 65536 else torch.uint16
-
-
-def _np_id_dtype(vocab_size: int) -> Any:
-    return np.int32 if vocab_size > 65536 else np.uint16
+    return ids.to(getattr(torch, _id_dtype(vocab_size).name)).cpu().numpy()
 
 
 def _delta_planes(sorted_ids: Any, vocab_size: int) -> np.ndarray:
