@@ -125,17 +125,16 @@ def main() -> None:
                 top_ids, top_lp = top_ids[..., :k], top_lp[..., :k]
                 tail = tail_log_mass(top_lp)
             kd = sparse_kl(x, top_ids, top_lp, 1.0, teacher_log_tail=tail)
-        if variant == "sampled":
+        if variant == "sampled" or variant in tail_shape:  # + p_tail H(p~, q~): the shape
             lse = torch.logsumexp(x, -1, keepdim=True)
-            log_q_tail = tail_log_mass(x.gather(-1, top_ids) - lse)
-            log_q_drawn = x.gather(-1, draws) - lse - log_q_tail[..., None]  # log q~(j)
-            kd = kd + tail.exp() * -log_q_drawn.mean(-1)  # + p_tail H(p~, q~), estimated
-        if variant in tail_shape:  # as sampled, the tail's shape taken from a fixed vector
-            lse = torch.logsumexp(x, -1, keepdim=True)
-            log_q_tail = tail_log_mass(x.gather(-1, top_ids) - lse)
-            r = tail_shape[variant].expand_as(x).scatter(-1, top_ids, 0.0)
-            r = r / r.sum(-1, keepdim=True)
-            kd = kd + tail.exp() * -(r * (x - lse - log_q_tail[..., None])).sum(-1)
+            log_q_tail = tail_log_mass(x.gather(-1, top_ids) - lse)[..., None]
+            if variant == "sampled":  # H estimated from the draws, log q~(j) at each
+                cross = -(x.gather(-1, draws) - lse - log_q_tail).mean(-1)
+            else:  # the tail's shape taken from a fixed vector
+                r = tail_shape[variant].expand_as(x).scatter(-1, top_ids, 0.0)
+                r = r / r.sum(-1, keepdim=True)
+                cross = -(r * (x - lse - log_q_tail)).sum(-1)
+            kd = kd + tail.exp() * cross
         return ((0.5 * kd + 0.5 * ce) * mask).sum() / mask.sum()
 
     def held_out_ppl(model) -> float:
