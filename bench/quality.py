@@ -123,9 +123,9 @@ def main() -> None:
                     help="passes over the training data (later ones from the label cache); "
                          "other than 1, the default --out and --results get a suffix")
     ap.add_argument("--seed", type=int, default=0,
-                    help="run.seed: the student's initial weights and the data order; "
+                    help="run.seed: the student's initial weights (raykd does not shuffle data); "
                          "other than 0, the default --out and --results get a suffix")
-    ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep].png")
+    ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep][-seed<n>].png")
     ap.add_argument("--only", nargs="*", choices=list(RUNS),
                     default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512", "tail"))])
     ap.add_argument("--results", default=None,
