@@ -36,7 +36,7 @@ class RunOptions:
     name: str = doc("raykd", "Run name; the run directory is output_dir/name.")
     output_dir: str = doc("runs", "Directory that holds run directories.")
     seed: int = doc(
-        0, "Seed for the student's initial weights and its dropout (data is not shuffled)."
+        0, "Seed for the student's initial weights, its dropout and the data order (data.shuffle)."
     )
     ray_address: str | None = doc(
         None, "Ray cluster to join ('auto', 'ray://...'); null starts embedded Ray here."

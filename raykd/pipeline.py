@@ -4,6 +4,11 @@
           pool --> ShardWriter (write-through) ------------------------------+
     CacheSource (samples already labelled) ----------------------------------+--> students
 
+With data.shuffle (the default) every epoch has a seeded random order (`shuffle_seed`):
+the first shuffles the packed token ids before the teacher, later ones read the cache's
+shards in another order. Without it the students would see the files one after another,
+and end every epoch on the last file.
+
 `plan()` runs the cheap passes on the driver before any run directory exists (so bad data
 fails fast): it packs every file once to number all sequences and split them, labels (or
 reads from the cache) the held-out set, and opens the cache. `first_epoch()` then reads
@@ -149,9 +154,20 @@ def _read(files: FileSet, only: list[str] | None = None) -> Any:
                                       override_num_blocks=len(paths))
 
 
-def sequences(p: DataPlan, split: str, keep: SampleSet | None = None) -> Any:
+def shuffle_seed(job: JobConfig, epoch: int | None) -> int | None:
+    """The seed of an epoch's data order, or None (file order) when data.shuffle is off.
+    epoch None: the order all epochs after the first share (see `later_epochs`)."""
+    if not job.data.shuffle:
+        return None
+    tag = 0 if epoch is None else epoch + 1
+    return int(np.random.SeedSequence([job.run.seed % 2**63, tag]).generate_state(1)[0])
+
+
+def sequences(p: DataPlan, split: str, keep: SampleSet | None = None,
+              seed: int | None = None) -> Any:
     """Packed sequences of one split (only those in `keep` when given, and then only the
-    files holding them are read): sample_id, sample_index, input_ids (seq_len,), length."""
+    files holding them are read): sample_id, sample_index, input_ids (seq_len,), length;
+    in file order, or shuffled across all files with `seed`."""
     import ray
 
     only = None
@@ -161,7 +177,10 @@ def sequences(p: DataPlan, split: str, keep: SampleSet | None = None) -> Any:
     keep_arg = ray.put(keep) if keep is not None else None
     pack = PackFiles(p.spec, split, p.layout.offsets, keep_arg)
     # One file per call: a sequence's id depends on its file alone (see data.packing).
-    return _read(p.files, only).map_batches(pack, batch_size=1, batch_format="numpy")
+    ds = _read(p.files, only).map_batches(pack, batch_size=1, batch_format="numpy")
+    # A global shuffle waits for every file to be packed, but moves only token ids (a few
+    # bytes a token, against ~134 for a label): the teacher and students still stream.
+    return ds if seed is None else ds.random_shuffle(seed=seed)
 
 
 def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
@@ -191,18 +210,19 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
 
 
 def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
-                done: SampleSet | None = None) -> Any:
-    """Training rows of the first epoch of a (re)start: all but `done` (what the restored
-    checkpoint already trained on), cached ones from the cache, the rest labelled now and
-    written through to the cache."""
+                done: SampleSet | None = None, epoch: int = 0) -> Any:
+    """Training rows of the first epoch of a (re)start (`epoch`, its index): all but `done`
+    (what the restored checkpoint already trained on), cached ones from the cache, the
+    rest labelled now and written through to the cache."""
     import ray
     import ray.data
 
     todo = p.train - done if done is not None else p.train
+    seed = shuffle_seed(job, epoch)
     if job.teacher.colocated:  # the students label their own batches
-        return sequences(p, "train", todo if done is not None else None)
+        return sequences(p, "train", todo if done is not None else None, seed)
     if p.cache is None:
-        return label(job, sequences(p, "train", todo if done is not None else None),
+        return label(job, sequences(p, "train", todo if done is not None else None, seed),
                      on_cluster, p.vocab_limit, stats=p.stats)
     cached = p.cache.index().cached(p.layout.total)  # now: a restart finds what was written
     from_cache = todo & cached
@@ -210,10 +230,10 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
     parts = []
     if len(from_cache):
         parts.append(ray.data.read_datasource(
-            CacheSource(p.cache.uri, p.cache.lineage, ray.put(from_cache))))
+            CacheSource(p.cache.uri, p.cache.lineage, ray.put(from_cache), seed)))
     if len(missing) or not parts:
         keep = missing if (len(from_cache) or done is not None) else None
-        labelled = label(job, sequences(p, "train", keep), on_cluster, p.vocab_limit,
+        labelled = label(job, sequences(p, "train", keep, seed), on_cluster, p.vocab_limit,
                          stats=p.stats)
         parts.append(write_through(p.cache, labelled, job.teacher.replicas.max))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
@@ -221,15 +241,19 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
 
 def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     """Training rows of every later epoch: the cache alone (filled by the first), or the
-    teacher again when caching is off."""
+    teacher again when caching is off. One dataset serves them all, so they share one
+    order: Ray Data's seeded shuffles repeat under Ray Train's streaming split."""
     import ray
     import ray.data
 
+    seed = shuffle_seed(job, None)
     if job.teacher.colocated:
-        return sequences(p, "train")
+        return sequences(p, "train", seed=seed)
     if p.cache is None:
-        return label(job, sequences(p, "train"), on_cluster, p.vocab_limit, stats=p.stats)
-    return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train)))
+        return label(job, sequences(p, "train", seed=seed), on_cluster, p.vocab_limit,
+                     stats=p.stats)
+    return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train),
+                                                seed))
 
 
 def write_through(cache: LabelCache, labelled: Any, replicas_max: int = 1) -> Any:

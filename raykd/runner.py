@@ -267,13 +267,14 @@ class FirstEpoch:
 
     def __call__(self) -> Any:
         pointer = rundir.latest_checkpoint(Path(self.run_dir))
-        done = self.done(pointer) if pointer else None
+        done, epoch = self.done(pointer) if pointer else (None, 0)
         rundir.append_event(Path(self.run_dir), {
             "event": "workers_start", "resume_step": pointer["step"] if pointer else 0,
             "skipped": len(done) if done is not None else 0})
-        return pipeline.first_epoch(self.job, self.data, self.on_cluster, done)
+        return pipeline.first_epoch(self.job, self.data, self.on_cluster, done, epoch)
 
-    def done(self, pointer: dict[str, Any]) -> Any:
+    def done(self, pointer: dict[str, Any]) -> tuple[Any, int]:
+        """What the checkpoint's epoch already trained on, and that epoch's index."""
         from raykd import storage
 
         fs, _ = storage.filesystem(self.storage_uri, "train.storage")
@@ -281,7 +282,7 @@ class FirstEpoch:
             ledger = Ledger.from_bytes(f.read())
         with fs.open_input_file(f"{pointer['path']}/progress.json") as f:
             epoch = json.loads(f.read())["epoch"]
-        return ledger.epoch(epoch)
+        return ledger.epoch(epoch), epoch
 
 
 try:

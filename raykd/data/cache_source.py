@@ -4,7 +4,10 @@ write-through stage.
 `CacheSource` lists the cache when Ray Data *executes* it, not when the dataset is built:
 the dataset of a later epoch is built before the first epoch has written the cache, and
 each execution (each epoch) lists the shards afresh. Each read task keeps only the rows
-in `wanted`. Rows the cache lacks, or holds twice (a retried teacher batch), are the
+in `wanted`. With a seed, shards are read in a seeded order and each shard's rows
+shuffled: a shard is one teacher batch, so this reorders the batches of the epoch that
+filled the cache (itself shuffled, see raykd.pipeline) without moving any label through a
+global shuffle. Rows the cache lacks, or holds twice (a retried teacher batch), are the
 train loop's to notice: it trains each sample once per epoch and checks at the end of the
 epoch that none is missing (raykd.student.ledger).
 """
@@ -12,6 +15,7 @@ epoch that none is missing (raykd.student.ledger).
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,10 +35,11 @@ SHARDS_PER_READ_TASK = 32
 class CacheSource(Datasource):  # type: ignore[misc,valid-type]
     """Cached rows whose sample_index is in `wanted` (a SampleSet or an ObjectRef to one)."""
 
-    def __init__(self, uri: str, lineage: Lineage, wanted: Any):
+    def __init__(self, uri: str, lineage: Lineage, wanted: Any, seed: int | None = None):
         self.uri = uri
         self.lineage = lineage
         self.wanted = wanted
+        self.seed = seed
 
     def get_name(self) -> str:
         return "LabelCache"
@@ -48,6 +53,8 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
         from ray.data.datasource import ReadTask
 
         paths = LabelCache(self.uri, self.lineage).shard_paths()
+        if self.seed is not None:
+            paths = [paths[i] for i in np.random.default_rng(self.seed).permutation(len(paths))]
         # A read task is a worker process, often a freshly started one (Ray ends idle
         # task workers quickly when many actors are alive), and a shard is one teacher
         # batch: one task per shard spent more CPU on Python start-up than on reading.
@@ -58,11 +65,12 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
                 meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                      input_files=tuple(group))
                 tasks.append(ReadTask(functools.partial(
-                    _read, self.uri, self.lineage, group, self.wanted), meta))
+                    _read, self.uri, self.lineage, group, self.wanted, self.seed), meta))
         return tasks
 
 
-def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any) -> Iterator[Any]:
+def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any,
+          seed: int | None = None) -> Iterator[Any]:
     from ray.data.block import BlockAccessor
 
     from raykd.data.packing import _resolve
@@ -71,6 +79,11 @@ def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any) -> Iterator
     keep = _resolve(wanted)
     for path in paths:
         rows = cache.read_shard(path, keep)
+        if seed is not None:
+            # Seeded by the shard's name too, so each shard has its own order.
+            rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+            order = rng.permutation(len(rows["sample_index"]))
+            rows = {k: v[order] for k, v in rows.items()}
         if len(rows["sample_index"]):
             rows["from_cache"] = np.ones(len(rows["sample_index"]), dtype=np.int8)
             yield BlockAccessor.batch_to_block(rows)

@@ -30,6 +30,14 @@ class DataConfig:
         256, "At most this many held-out sequences are evaluated (the lowest sample_ids)."
     )
     max_files: int | None = doc(None, "Read only the first N files (sorted); null reads all.")
+    shuffle: bool = doc(
+        True, "Train on the sequences in a seeded random order (run.seed) instead of file "
+        "order: the first epoch shuffles the packed token ids of the whole split before the "
+        "teacher sees them; later epochs read the label cache's shards in another seeded "
+        "order, rows shuffled within each shard (without a cache they reshuffle the ids), "
+        "and share that order. Seeded, not replayed exactly: Ray Data interleaves "
+        "parallel reads as they finish."
+    )
 
     def validate(self) -> None:
         sources = [self.source] if isinstance(self.source, str) else self.source
