@@ -23,8 +23,9 @@ alpha = 1, no cross-entropy term).
 
 alpha = 0.5, T = 1 for the KD runs (the quickstart's settings). The student starts from
 random weights except in kd_topk_init. kd_topk_compact runs first and fills the label
-cache; ce_only and kd_topk_init then read it (the teacher is not run twice), which
-changes nothing in what the student sees. Prints a JSON summary, and plots every run's
+cache; ce_only and kd_topk_init then read it (the teacher is not run twice): the same
+rows, in the cache's seeded order instead of the ids' (data.shuffle; --no-shuffle trains
+the files in turn, as runs before data.shuffle did). Prints a JSON summary, and plots every run's
 held-out perplexity against steps with the teacher's as a line (--out).
 """
 
@@ -123,8 +124,11 @@ def main() -> None:
                     help="passes over the training data (later ones from the label cache); "
                          "other than 1, the default --out and --results get a suffix")
     ap.add_argument("--seed", type=int, default=0,
-                    help="run.seed: the student's initial weights (raykd does not shuffle data); "
+                    help="run.seed: the student's initial weights and the data order; "
                          "other than 0, the default --out and --results get a suffix")
+    ap.add_argument("--no-shuffle", action="store_true",
+                    help="data.shuffle: false, the files in turn (how runs before "
+                         "data.shuffle trained)")
     ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep][-seed<n>].png")
     ap.add_argument("--only", nargs="*", choices=list(RUNS),
                     default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512", "tail"))])
@@ -149,8 +153,9 @@ def main() -> None:
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         for name in args.only:
-            s = run(job_from_dict(job(out, name, plays, args.layers, args.epochs, args.seed,
-                                     **RUNS[name])),
+            spec = job(out, name, plays, args.layers, args.epochs, args.seed, **RUNS[name])
+            spec["data"]["shuffle"] = not args.no_shuffle
+            s = run(job_from_dict(spec),
                     log=lambda line: print(line, flush=True)).summary
             rows = [m for m in read_metrics(Path(s["run_dir"]) / "metrics.jsonl")
                     if "eval_ppl" in m]

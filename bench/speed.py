@@ -21,6 +21,10 @@ Then `bench.sharing`: the teacher's and the student's work as two plain processe
 and at the same time, and the c / max(a, b) that their sharing the cores alone would give;
 c over that floor is what the pipeline itself adds.
 
+`--shuffle-cost` instead runs (c) alone with data.shuffle on and off (on, off, off, on,
+each into a fresh cache) and prints their ratio: what the global shuffle of the token
+ids before the teacher costs a streamed epoch.
+
 Also: (b)'s student tokens/s over a plain torch loop on the same tensors in memory (same
 model, AdamW, one thread), and the train worker's peak RSS with 10x the data over 1x.
 """
@@ -102,6 +106,37 @@ def memory(out: str, plays: int) -> dict[str, float]:
     return rss
 
 
+def shuffle_cost(plays: list[str], seq_len: int) -> None:
+    """(c) with data.shuffle on and off, ABBA so that a drift of the machine's speed
+    falls on both alike."""
+    import ray
+
+    from raykd.config import job_from_dict
+    from raykd.runner import run
+
+    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        for i, mode in enumerate(["on", "off", "off", "on"]):
+            spec = job(out, f"c-{mode}-{i}", plays, seq_len)
+            spec["data"]["shuffle"] = mode == "on"
+            s = run(job_from_dict(spec), log=lambda _: None).summary
+            seconds[mode].append(s["epoch0_s"])
+            walls[mode].append(s["wall_s"])
+            print(f"c, shuffle {mode}: epoch {s['epoch0_s']:.1f} s, wall {s['wall_s']:.1f} s",
+                  flush=True)
+    finally:
+        ray.shutdown()
+    report("shuffle_cost", {
+        "sequences": s["train_sequences"], "seq_len": seq_len,
+        "epoch0_s": seconds, "wall_s": walls,
+        "epoch_on_over_off": round(sum(seconds["on"]) / sum(seconds["off"]), 3),
+        "wall_on_over_off": round(sum(walls["on"]) / sum(walls["off"]), 3),
+    })
+
+
 def main() -> None:
     import ray
 
@@ -116,8 +151,13 @@ def main() -> None:
     ap.add_argument("--plays", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--memory-plays", type=int, default=10)
+    ap.add_argument("--shuffle-cost", action="store_true",
+                    help="only (c), with data.shuffle on and off")
     args = ap.parse_args()
     plays = PLAYS[: args.plays]
+    if args.shuffle_cost:
+        shuffle_cost(plays, args.seq_len)
+        return
     out = tempfile.mkdtemp(prefix="raykd-speed-")
     quiet = lambda _: None  # noqa: E731
     t = _Printed()  # each variant's seconds are printed as they come, kept if a run dies
