@@ -4,10 +4,12 @@ write-through stage.
 `CacheSource` lists the cache when Ray Data *executes* it, not when the dataset is built:
 the dataset of a later epoch is built before the first epoch has written the cache, and
 each execution (each epoch) lists the shards afresh. Each read task keeps only the rows
-in `wanted`. With a seed, shards are read in a seeded order and each shard's rows
-shuffled: a shard is one teacher batch, so this reorders the batches of the epoch that
-filled the cache (itself shuffled, see raykd.pipeline) without moving any label through a
-global shuffle. Rows the cache lacks, or holds twice (a retried teacher batch), are the
+in `wanted`. With a seed, shards are read in a seeded order and the rows of a window of
+consecutive shards (up to MIX_BYTES of them) are shuffled together: a shard is one teacher
+batch, and reordering whole shards alone would hand every later epoch the first epoch's
+batches again, the same samples side by side in each step. No label goes through a
+global shuffle, and a read task holds one window at a time, whatever the dataset's size.
+Rows the cache lacks, or holds twice (a retried teacher batch), are the
 train loop's to notice: it trains each sample once per epoch and checks at the end of the
 epoch that none is missing (raykd.student.ledger).
 """
@@ -30,6 +32,9 @@ except ImportError:  # pragma: no cover - ray is a hard dependency
 
 
 SHARDS_PER_READ_TASK = 32
+# The most bytes of rows a read task holds to mix: ~150 shards of the quickstart's small
+# batches, 2-3 of a large teacher's (32 x 2048 tokens of top-64 labels: ~25 MB a shard).
+MIX_BYTES = 64 << 20
 
 
 class CacheSource(Datasource):  # type: ignore[misc,valid-type]
@@ -71,22 +76,42 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
 
 def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any,
           seed: int | None = None) -> Iterator[Any]:
-    from ray.data.block import BlockAccessor
-
     from raykd.data.packing import _resolve
 
     cache = LabelCache(uri, lineage)
     keep = _resolve(wanted)
-    for path in paths:
+    window: list[dict[str, np.ndarray]] = []
+    held = 0
+    for i, path in enumerate(paths):
         rows = cache.read_shard(path, keep)
-        if seed is not None:
-            # Seeded by the shard's name too, so each shard has its own order.
-            rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
-            order = rng.permutation(len(rows["sample_index"]))
-            rows = {k: v[order] for k, v in rows.items()}
         if len(rows["sample_index"]):
-            rows["from_cache"] = np.ones(len(rows["sample_index"]), dtype=np.int8)
-            yield BlockAccessor.batch_to_block(rows)
+            window.append(rows)
+            held += sum(v.nbytes for v in rows.values())
+        if seed is None or held >= MIX_BYTES or i == len(paths) - 1:
+            # Seeded by the window's last shard too, so each window has its own order.
+            yield from _mixed(window, None if seed is None else
+                              np.random.default_rng([seed, zlib.crc32(path.encode())]))
+            window, held = [], 0
+
+
+def _mixed(window: list[dict[str, np.ndarray]],
+           rng: np.random.Generator | None) -> Iterator[Any]:
+    """The window's rows as blocks of its shards' sizes, the rows shuffled across all of
+    them when `rng` is given."""
+    from ray.data.block import BlockAccessor
+
+    if not window:
+        return
+    rows = {k: np.concatenate([w[k] for w in window]) for k in window[0]}
+    if rng is not None:
+        order = rng.permutation(len(rows["sample_index"]))
+        rows = {k: v[order] for k, v in rows.items()}
+    rows["from_cache"] = np.ones(len(rows["sample_index"]), dtype=np.int8)
+    at = 0
+    for w in window:
+        n = len(w["sample_index"])
+        yield BlockAccessor.batch_to_block({k: v[at:at + n] for k, v in rows.items()})
+        at += n
 
 
 class ShardWriter:

@@ -34,7 +34,8 @@ class DataConfig:
         True, "Train on the sequences in a seeded random order (run.seed) instead of file "
         "order: the first epoch shuffles the packed token ids of the whole split before the "
         "teacher sees them; later epochs read the label cache's shards in another seeded "
-        "order, rows shuffled within each shard (without a cache they reshuffle the ids), "
+        "order, rows shuffled across the shards of a window of up to 64 MiB, so no epoch "
+        "repeats the first one's batches (without a cache they reshuffle the ids), "
         "and share that order. Seeded, not replayed exactly: Ray Data interleaves "
         "parallel reads as they finish."
     )
