@@ -32,8 +32,9 @@ except ImportError:  # pragma: no cover - ray is a hard dependency
 
 
 SHARDS_PER_READ_TASK = 32
-# The most bytes of rows a read task holds to mix: ~150 shards of the quickstart's small
-# batches, 2-3 of a large teacher's (32 x 2048 tokens of top-64 labels: ~25 MB a shard).
+# The most bytes of rows a read task holds to mix: all its shards (at most
+# SHARDS_PER_READ_TASK) of the quickstart's small batches, 2-3 of a large teacher's
+# (32 x 2048 tokens of top-64 labels: ~25 MB a shard).
 MIX_BYTES = 64 << 20
 
 
