@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from raykd.config import JobConfig
-from raykd.data.cache_source import CacheSource, ShardWriter
+from raykd.data.cache_source import ShardWriter, read_cache
 from raykd.data.label_cache import (
     LabelCache,
     Lineage,
@@ -229,8 +229,7 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
     missing = todo - cached
     parts = []
     if len(from_cache):
-        parts.append(ray.data.read_datasource(
-            CacheSource(p.cache.uri, p.cache.lineage, ray.put(from_cache), seed)))
+        parts.append(read_cache(p.cache.uri, p.cache.lineage, ray.put(from_cache), seed))
     if len(missing) or not parts:
         keep = missing if (len(from_cache) or done is not None) else None
         labelled = label(job, sequences(p, "train", keep, seed), on_cluster, p.vocab_limit,
@@ -252,8 +251,7 @@ def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     if p.cache is None:
         return label(job, sequences(p, "train", seed=seed), on_cluster, p.vocab_limit,
                      stats=p.stats)
-    return ray.data.read_datasource(CacheSource(p.cache.uri, p.cache.lineage, ray.put(p.train),
-                                                seed))
+    return read_cache(p.cache.uri, p.cache.lineage, ray.put(p.train), seed)
 
 
 def write_through(cache: LabelCache, labelled: Any, replicas_max: int = 1) -> Any:

@@ -64,7 +64,8 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
         # A read task is a worker process, often a freshly started one (Ray ends idle
         # task workers quickly when many actors are alive), and a shard is one teacher
         # batch: one task per shard spent more CPU on Python start-up than on reading.
-        n = max(1, min(parallelism, -(-len(paths) // SHARDS_PER_READ_TASK)))
+        # The count is the cache's, not `parallelism`: see `read_cache`.
+        n = max(1, -(-len(paths) // SHARDS_PER_READ_TASK))
         tasks = []
         for group in (paths[i::n] for i in range(n)):
             if group:
@@ -73,6 +74,21 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
                 tasks.append(ReadTask(functools.partial(
                     _read, self.uri, self.lineage, group, self.wanted, self.seed), meta))
         return tasks
+
+
+def read_cache(uri: str, lineage: Lineage, wanted: Any, seed: int | None = None) -> Any:
+    """A dataset of the cached rows in `wanted`, in blocks of the cache's shards.
+
+    Ray Data asks a source for at least `read_op_min_num_blocks` (200) blocks and, when it
+    returns fewer read tasks, splits each block a task yields into that many pieces: a
+    cache of fewer than 200 x SHARDS_PER_READ_TASK shards reached the students as blocks
+    of one row or none, each its own object and hand-off (bench.cache_blocks measures
+    what that costs). One requested block is never more than the tasks the source makes,
+    so nothing is split; CacheSource sizes its tasks by the cache alone."""
+    import ray.data
+
+    return ray.data.read_datasource(CacheSource(uri, lineage, wanted, seed),
+                                    override_num_blocks=1)
 
 
 def _read(uri: str, lineage: Lineage, paths: list[str], wanted: Any,
