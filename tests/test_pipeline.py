@@ -218,10 +218,10 @@ def test_epochs_are_shuffled_across_files(ray_cluster, teacher_dir, tmp_path):
     later_blocks = epoch_blocks(pipeline.later_epochs(job, data, False))
     later = [i for b in later_blocks for i in b]
     assert sorted(first) == sorted(want) and sorted(later) == sorted(want)
-    # Blocks of the shards' sizes reach the students, not Ray Data's one-row splits of
-    # them (it splits a read task's blocks when a source has fewer than 200 tasks).
-    sizes = [sorted(len(b) for b in blocks if b) for blocks in (first_blocks, later_blocks)]
-    assert sizes[0] == sizes[1], sizes
+    # Ray Data splits a read task's blocks when a source has fewer than 200 tasks: the
+    # students got one-row blocks (190 here). Now no more blocks than shards reach them.
+    blocks = [sum(1 for b in bs if b) for bs in (first_blocks, later_blocks)]
+    assert blocks[1] <= blocks[0], blocks
     # A cache shard is one teacher batch of the first epoch. Later epochs mix rows across
     # shards, so they do not hand the students the first epoch's batches again: rows next
     # to each other rarely shared a teacher batch (a third of them did, shard by shard).

@@ -77,14 +77,15 @@ class CacheSource(Datasource):  # type: ignore[misc,valid-type]
 
 
 def read_cache(uri: str, lineage: Lineage, wanted: Any, seed: int | None = None) -> Any:
-    """A dataset of the cached rows in `wanted`, in blocks of the cache's shards.
+    """A dataset of the cached rows in `wanted`.
 
     Ray Data asks a source for at least `read_op_min_num_blocks` (200) blocks and, when it
     returns fewer read tasks, splits each block a task yields into that many pieces: a
     cache of fewer than 200 x SHARDS_PER_READ_TASK shards reached the students as blocks
     of one row or none, each its own object and hand-off (bench.cache_blocks measures
-    what that costs). One requested block is never more than the tasks the source makes,
-    so nothing is split; CacheSource sizes its tasks by the cache alone."""
+    what that cost). One requested block is never more than the tasks the source makes,
+    so nothing is split (CacheSource sizes its tasks by the cache alone), and Ray Data
+    joins a task's shards into blocks of up to its target block size (128 MiB)."""
     import ray.data
 
     return ray.data.read_datasource(CacheSource(uri, lineage, wanted, seed),
