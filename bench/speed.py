@@ -141,7 +141,7 @@ def main() -> None:
     import ray
 
     from raykd.config import job_from_dict
-    from raykd.data.cache_source import CacheSource
+    from raykd.data.cache_source import read_cache
     from raykd.data.label_cache import LabelCache, Lineage
     from raykd.data.samples import SampleSet
     from raykd.pipeline import collect
@@ -170,7 +170,7 @@ def main() -> None:
         lineage = Lineage.from_json(Path(cache, "lineage.json").read_text())
         ids = np.unique(np.concatenate(LabelCache(cache, lineage).index().ids))
         every = SampleSet.of(int(ids.max()) + 1, ids)
-        in_memory = ray.data.read_datasource(CacheSource(cache, lineage, every)).materialize()
+        in_memory = read_cache(cache, lineage, every).materialize()  # the pipeline's blocks
         # (b) student only, labels in memory.
         b = run(job_from_dict(job(out, "b", plays, args.seq_len)), log=quiet,
                 first_epoch=in_memory).summary
