@@ -218,7 +218,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
         _check_epoch(progress, epoch, plan["train_samples"])
-    metrics = _window_metrics(window, engine, device, progress) if window.samples else {}
+    # Whether rows were trained since the last report must be decided together: ranks run
+    # the same micro-batches, but one may end the epoch on real rows while another has only
+    # `_synced`'s empty ones, and a rank-local test left them in different collectives.
+    trained = _all_max(float(window.samples), device) > 0
+    metrics = _window_metrics(window, engine, device, progress) if trained else {}
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
     # ru_maxrss is in KiB on Linux: memory must not grow with the dataset (bench/speed.py).
