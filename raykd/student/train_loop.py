@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             save = (bool(train.checkpoint_every) and progress.step % train.checkpoint_every == 0
                     and not max_steps_reached)  # the final save follows
             if log or do_eval or save:
-                metrics = _window_metrics(window, engine, device, progress)
+                metrics = _window_metrics(window, float(engine.get_lr()[0]), device, progress)
                 window = Window()
                 if do_eval:
                     metrics.update(evaluate_now())
@@ -218,11 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
         _check_epoch(progress, epoch, plan["train_samples"])
-    # Whether rows were trained since the last report must be decided together: ranks run
-    # the same micro-batches, but one may end the epoch on real rows while another has only
-    # `_synced`'s empty ones, and a rank-local test left them in different collectives.
-    trained = _all_max(float(window.samples), device) > 0
-    metrics = _window_metrics(window, engine, device, progress) if trained else {}
+    metrics = _last_window_metrics(window, float(engine.get_lr()[0]), device, progress)
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
     # ru_maxrss is in KiB on Linux: memory must not grow with the dataset (bench/speed.py).
@@ -363,7 +359,17 @@ def _all_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _window_metrics(window: Window, engine: Any, device: torch.device, progress: Progress
+def _last_window_metrics(window: Window, lr: float, device: torch.device,
+                         progress: Progress) -> dict[str, float]:
+    """The rows trained since the last report, once the loop is over ({} when none were).
+    Whether there were any is decided by all ranks together: they run the same
+    micro-batches, but one may end the epoch on real rows while another has only
+    `_synced`'s empty ones, and a rank-local test left them in different collectives."""
+    trained = _all_max(float(window.samples), device) > 0
+    return _window_metrics(window, lr, device, progress) if trained else {}
+
+
+def _window_metrics(window: Window, lr: float, device: torch.device, progress: Progress
                     ) -> dict[str, float]:
     sums = _all_sum(torch.tensor([window.loss, window.kd, window.ce, window.tokens,
                                   float(window.samples), float(window.cached)],
@@ -379,7 +385,7 @@ def _window_metrics(window: Window, engine: Any, device: torch.device, progress:
         "loss": float(sums[0]) / tokens,
         "kd_loss": float(sums[1]) / tokens,
         "ce_loss": float(sums[2]) / tokens,
-        "lr": float(engine.get_lr()[0]),
+        "lr": lr,
         "tokens_per_s": float(sums[3]) / elapsed,
         "data_wait_frac": min(wait, 1.0),
         "cache_hit_rate": float(sums[5]) / max(float(sums[4]), 1.0),
