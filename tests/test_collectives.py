@@ -16,6 +16,8 @@ def _last_window(rank: int, port: int, samples: list[int], out: dict) -> None:
     import torch
     import torch.distributed as dist
 
+    from raykd.student.checkpoint import Progress
+    from raykd.student.ledger import Ledger
     from raykd.student.train_loop import Window, _last_window_metrics
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -24,9 +26,6 @@ def _last_window(rank: int, port: int, samples: list[int], out: dict) -> None:
                             timeout=datetime.timedelta(seconds=30))
     try:
         window = Window(tokens=10.0 * samples[rank], samples=samples[rank])
-        from raykd.student.checkpoint import Progress
-        from raykd.student.ledger import Ledger
-
         progress = Progress(ledger=Ledger(8))
         metrics = _last_window_metrics(window, 0.1, torch.device("cpu"), progress)
         # Both ranks go on to the next collective, as the loop does (its final evaluation).
