@@ -26,6 +26,20 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _shm_workspaces() -> set[str]:
+    import glob
+
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
+@pytest.fixture(autouse=True)
+def no_shm_left_behind():
+    """DeepSpeed's CPU all-reduce leaves a /dev/shm segment per rank unless we unlink it."""
+    before = _shm_workspaces()
+    yield
+    assert _shm_workspaces() - before == set()
+
+
 def labels_from(model: str, tp_size: int, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Exact soft labels from one TeacherReplica running as a Ray actor."""
     import ray

@@ -17,6 +17,7 @@ An exception would instead fail the dataset.
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import socket
@@ -73,6 +74,7 @@ class TPTeacher:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                 world_size=tp_size, timeout=_TIMEOUT)
         self.model = _load_tp(model_dir, dtype, tp_size, on_gpu)
+        _release_shm_workspace(0, port)
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         threading.Thread(target=self._watch, daemon=True).start()
 
@@ -122,6 +124,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, dtype: str, on_
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=_TIMEOUT)
     model = _load_tp(model_dir, dtype, world, on_gpu)
+    _release_shm_workspace(rank, port)
     try:
         while True:
             header = torch.zeros(2, dtype=torch.long, device=device)
@@ -150,6 +153,20 @@ def _load_tp(model_dir: str, dtype: str, tp_size: int, on_gpu: bool) -> Any:
     if on_gpu:
         module = module.to(torch.device("cuda", torch.cuda.current_device()))
     return module.eval()
+
+
+def _release_shm_workspace(rank: int, port: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce workspace (CPU only).
+
+    DeepSpeed creates one ~66 MiB segment per rank in /dev/shm and never unlinks it, so
+    every replica (and every restart of one) would leave world x 66 MiB of RAM behind
+    until reboot; on Kubernetes /dev/shm counts against the pod's memory. A rank's
+    init_inference returns once it has mapped every other rank's segment, so after a
+    barrier no rank needs the names; the mappings live on until each process ends.
+    """
+    dist.barrier()
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_{rank}"):
+        os.unlink(path)  # only this rank unlinks its own segment
 
 
 def _set_env(rank: int, world: int, port: int) -> None:
