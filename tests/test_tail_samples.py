@@ -36,6 +36,21 @@ def test_draws_follow_the_teacher_outside_the_top_k():
     torch.testing.assert_close(entropy, want)
 
 
+def test_masked_logits_are_never_drawn_and_keep_the_entropy_finite():
+    z = _logits()
+    top = z.topk(5, -1).indices
+    masked = torch.zeros_like(z, dtype=torch.bool)
+    masked[..., -7:] = True  # e.g. a padded vocabulary's logits set to -inf
+    masked.scatter_(-1, top, False)
+    z = z.masked_fill(masked, float("-inf"))
+    ids, entropy = sample_tail(z, top, 2_000, torch.tensor([1, 2]))
+    assert not masked.gather(-1, ids).any()
+    tail_z = z.scatter(-1, top, float("-inf"))
+    p_tilde = torch.softmax(tail_z, -1)
+    want = -(p_tilde * torch.log_softmax(tail_z, -1).nan_to_num(neginf=0.0)).sum(-1)
+    torch.testing.assert_close(entropy, want)
+
+
 def test_draws_depend_only_on_the_sample_and_its_logits():
     z = _logits(B=3)
     top = z.topk(5, -1).indices

@@ -94,13 +94,15 @@ def label_logits(logits: Any, labels: LabelConfig, vocab_size: int,
 
     k = min(labels.top_k, logits.shape[-1])
     top_logits, top_ids = torch.topk(logits, k, dim=-1, sorted=True)
-    lse = torch.logsumexp(logits / labels.temperature, dim=-1)
+    # One tempered copy for both (a pass over (B, L, V) each); none at T = 1.
+    z = logits if labels.temperature == 1.0 else logits / labels.temperature
+    lse = torch.logsumexp(z, dim=-1)
     m = soft_labels.tail_samples_for(labels, logits.shape[-1])
     tail = None
     if m:
         if sample_ids is None:
             raise ValueError("tail samples are seeded by the rows' sample ids; none given")
-        tail = soft_labels.sample_tail(logits / labels.temperature, top_ids, m,
+        tail = soft_labels.sample_tail(z, top_ids, m,
                                        np.asarray(sample_ids))
     return soft_labels.encode(top_ids, top_logits, lse, labels, vocab_size, tail)
 
