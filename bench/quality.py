@@ -11,18 +11,19 @@ signal differs:
   ce_only          alpha = 0: next-token cross-entropy alone (no teacher in the loss)
   kd_full_vocab    KL to the teacher's whole distribution (a co-located teacher with
                    labels.top_k = the vocabulary: no labels stored, the exact target)
-  kd_topk_compact  raykd's default: top-64 labels, compact encoding, tail kept, streamed
-                   from the teacher pool through the label cache
-  kd_topk_init     as kd_topk_compact, the student initialised from every n-th teacher layer
+  kd_topk_tail64   raykd's default: top-64 labels in the compact encoding plus 64 ids per
+                   position drawn from the teacher's distribution outside the top-64
+                   (labels.tail_samples), streamed from the teacher pool through the cache
+  kd_topk_compact  as kd_topk_tail64 without the draws (labels.tail_samples: 0, the tail
+                   as one outcome; raykd's default until 2026-12-01)
+  kd_topk_init     as kd_topk_tail64, the student initialised from every n-th teacher layer
 
-and, on request (--only ...), kd_top512_compact (top-512 labels) and kd_topk_tail64 (as
-kd_topk_compact, plus 64 ids per position drawn from the teacher's distribution outside
-the top-64: labels.tail_samples), each with its own label cache; and
-the two KD runs with all the weight on the teacher (kd_topk_alpha1, kd_full_vocab_alpha1:
-alpha = 1, no cross-entropy term).
+and, on request (--only ...), kd_top512_compact (top-512 labels, no draws), each with its
+own label cache; and the two KD runs with all the weight on the teacher (kd_topk_alpha1,
+kd_full_vocab_alpha1: alpha = 1, no cross-entropy term).
 
 alpha = 0.5, T = 1 for the KD runs (the quickstart's settings). The student starts from
-random weights except in kd_topk_init. kd_topk_compact runs first and fills the label
+random weights except in kd_topk_init. kd_topk_tail64 runs first and fills the label
 cache; ce_only and kd_topk_init then read it (the teacher is not run twice): the same
 rows, in the cache's seeded order instead of the ids' (data.shuffle; --no-shuffle trains
 the files in turn, as runs before data.shuffle did). Prints a JSON summary, and plots every run's
@@ -48,7 +49,7 @@ def job(out: str, name: str, plays: list[str], layers: int, epochs: int = 1, see
         "data": {"source": [f"{TEXTS}/{p}_gut.txt" for p in plays], "seq_len": 128,
                  "eval_fraction": 0.04, "eval_max_samples": 32},
         "teacher": {"model": SMOLLM2, "batch_size": 8, "num_cpus": 1},
-        "labels": {"top_k": 64, "temperature": 1.0},
+        "labels": {"top_k": 64, "temperature": 1.0, "tail_samples": 64},
         "student": {"num_layers": layers, "init_from_teacher": False},
         "loss": {"alpha": 0.5, "kind": "forward_kl"},
         "train": {"num_workers": 1, "cpus_per_worker": 1, "batch_size": 8,
@@ -60,20 +61,22 @@ def job(out: str, name: str, plays: list[str], layers: int, epochs: int = 1, see
         spec[part] = {**spec[part], **values}
     # One cache per top-k: a cache holds labels of one lineage and refuses any other.
     labels = spec["labels"]
-    labels["cache"] = f"{out}/label-cache-k{labels['top_k']}-tail{labels.get('tail_samples', 0)}"
+    labels["cache"] = f"{out}/label-cache-k{labels['top_k']}-tail{labels['tail_samples']}"
     return spec
 
 
+DEFAULT = "kd_topk_tail64"  # the run with raykd's default labels
+
 RUNS = {
-    "kd_topk_compact": {},
+    DEFAULT: {},
+    # The tail left as one outcome: what the 64 draws per position buy.
+    "kd_topk_compact": {"labels": {"tail_samples": 0}},
     "ce_only": {"loss": {"alpha": 0.0}},
     "kd_topk_init": {"student": {"init_from_teacher": True}},
-    # The default encoding with 8x the ids: how far top-k must go to match the whole
+    # 8x the ids and no draws: how far top-k alone must go to match the whole
     # vocabulary (bench.tail: k = 512 closes the gap on one epoch, at ~8x the bytes).
-    "kd_top512_compact": {"labels": {"top_k": 512}},
-    # As kd_topk_compact, plus 64 ids drawn per position from the teacher's tail.
-    "kd_topk_tail64": {"labels": {"tail_samples": 64}},
-    # All weight on the teacher's distribution (alpha = 1), otherwise as kd_topk_compact.
+    "kd_top512_compact": {"labels": {"top_k": 512, "tail_samples": 0}},
+    # All weight on the teacher's distribution (alpha = 1), otherwise as the default.
     "kd_topk_alpha1": {"loss": {"alpha": 1.0}},
     "kd_full_vocab_alpha1": {"teacher": {"colocated": True}, "labels": {"top_k": 49152},
                              "train": {"cpus_per_worker": 2}, "loss": {"alpha": 1.0}},
@@ -131,7 +134,7 @@ def main() -> None:
                          "data.shuffle trained)")
     ap.add_argument("--out", default=None, help="default docs/quality[-<n>ep][-seed<n>].png")
     ap.add_argument("--only", nargs="*", choices=list(RUNS),
-                    default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512", "tail"))])
+                    default=[r for r in RUNS if not any(x in r for x in ("alpha1", "512"))])
     ap.add_argument("--results", default=None,
                     help="results of earlier invocations are kept and plotted too "
                          "(default docs/quality[-<n>ep].json)")
@@ -172,20 +175,19 @@ def main() -> None:
     plot(curves, teacher, args.out)
     ppl = {k: v["student_eval_ppl"] for k, v in results.items()}
     ratios = {}
-    if {"ce_only", "kd_topk_compact"} <= set(ppl):
-        ratios["kd_topk_vs_ce_only"] = round(ppl["kd_topk_compact"] / ppl["ce_only"] - 1, 4)
+    if {"ce_only", DEFAULT} <= set(ppl):
+        ratios["kd_topk_vs_ce_only"] = round(ppl[DEFAULT] / ppl["ce_only"] - 1, 4)
     if {"ce_only", "kd_topk_alpha1"} <= set(ppl):
         ratios["kd_topk_alpha1_vs_ce_only"] = round(ppl["kd_topk_alpha1"] / ppl["ce_only"] - 1, 4)
     if {"kd_full_vocab_alpha1", "kd_topk_alpha1"} <= set(ppl):
         ratios["kd_topk_alpha1_vs_full_vocab_alpha1"] = round(
             ppl["kd_topk_alpha1"] / ppl["kd_full_vocab_alpha1"] - 1, 4)
-    for name in ("kd_top512_compact", "kd_topk_tail64"):
+    for name in ("kd_top512_compact", "kd_topk_compact"):
         if {"ce_only", "kd_full_vocab", name} <= set(ppl):
             ratios[f"{name}_vs_ce_only"] = round(ppl[name] / ppl["ce_only"] - 1, 4)
             ratios[f"{name}_vs_full_vocab"] = round(ppl[name] / ppl["kd_full_vocab"] - 1, 4)
-    if {"kd_full_vocab", "kd_topk_compact"} <= set(ppl):
-        ratios["kd_topk_vs_full_vocab"] = round(ppl["kd_topk_compact"] / ppl["kd_full_vocab"]
-                                                - 1, 4)
+    if {"kd_full_vocab", DEFAULT} <= set(ppl):
+        ratios["kd_topk_vs_full_vocab"] = round(ppl[DEFAULT] / ppl["kd_full_vocab"] - 1, 4)
     report("quality", {"plays": plays, "student_layers": args.layers, "runs": results,
                        "relative_ppl": ratios, "plot": args.out,
                        "goals": {"kd_topk_vs_ce_only": "<= -0.10",

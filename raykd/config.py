@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from raykd.data.config import DataConfig
-from raykd.data.soft_labels import LabelConfig
+from raykd.data.soft_labels import DEFAULT_TAIL_SAMPLES, LabelConfig
 from raykd.errors import ConfigError
 from raykd.fields import doc, required
 from raykd.student.config import LossConfig, StudentConfig, TrainConfig
@@ -92,6 +92,10 @@ class JobConfig:
                 f"{t.batch_size} is not divisible by train.micro_batch_size x "
                 f"train.num_workers = {t.micro_batch_size} x {t.num_workers} = {per_step}",
             )
+        if self.labels.tail_samples is None:  # resolved here, where the loss is known
+            self.labels = dataclasses.replace(
+                self.labels,
+                tail_samples=DEFAULT_TAIL_SAMPLES if self.loss.kind == "forward_kl" else 0)
         if self.labels.tail_samples and self.loss.kind != "forward_kl":
             raise ConfigError(
                 "labels.tail_samples",

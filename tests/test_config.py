@@ -43,6 +43,20 @@ def test_defaults_and_overrides(tmp_path):
     assert again == job
 
 
+@pytest.mark.parametrize("overrides, want", [
+    ([], 64),  # forward KL: draws estimate the rest of the vocabulary
+    (["loss.kind=reverse_kl"], 0),  # which they cannot estimate under reverse KL
+    (["labels.tail_samples=0"], 0),
+    (["labels.tail_samples=16"], 16),
+])
+def test_tail_samples_default_follows_the_loss(tmp_path, overrides, want):
+    job = load_job(write(tmp_path, MINIMAL), overrides)
+    assert job.labels.tail_samples == want
+    # The resolved value is what a run saves and reloads.
+    again = load_job(write(tmp_path, yaml.safe_load(dump_yaml(job))))
+    assert again.labels.tail_samples == want
+
+
 def test_grad_accumulation_is_derived(tmp_path):
     job = load_job(write(tmp_path, MINIMAL), ["train.batch_size=32", "train.micro_batch_size=4",
                                               "train.num_workers=2"])

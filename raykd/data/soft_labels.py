@@ -17,10 +17,11 @@ the top-k, 1 - sum_i p_i, where lse = logsumexp(z / T) over the *full* vocabular
              compress well): about 130 bytes per token at k = 64 on Shakespeare with
              SmolLM2, everything in the shard included (bench/encodings.py).
 
-With `labels.tail_samples` = m > 0, every encoding also carries m token ids per position
-drawn from the teacher's tempered distribution renormalised over the ids outside the
-top-k, and that distribution's entropy (exact: int32 / float32; fp16: 16-bit ids /
-float16; compact: the draws sorted and delta-coded like the top-k ids):
+With `labels.tail_samples` = m > 0 (64 by default under forward KL), every encoding
+also carries m token ids per position drawn from the teacher's tempered distribution
+renormalised over the ids outside the top-k, and that distribution's entropy (exact:
+int32 / float32; fp16: 16-bit ids / float16; compact: the draws sorted and delta-coded
+like the top-k ids):
 
     tail_ids (L, m) or tail_id_planes uint8 (L, P, m),   tail_entropy (L,)
 
@@ -73,14 +74,15 @@ class LabelConfig:
         "compact", "Soft-label encoding: exact (int32 ids, fp32 logits + lse), fp16 "
         "(16-bit ids and log-probs) or compact (delta-coded ids, 8-bit probabilities)."
     )
-    tail_samples: int = doc(
-        0, "Token ids drawn per position, with replacement, from the teacher's tempered "
+    tail_samples: int | None = doc(
+        None, "Token ids drawn per position, with replacement, from the teacher's tempered "
         "distribution outside the top-k (seeded by the sample, so a relabelled sample gets "
         "the same draws). They teach the student the shape of the mass the top-k leave out, "
-        "an unbiased estimate of the full-vocabulary forward KL (loss.kind forward_kl); "
-        "0 keeps that mass as one outcome. Worth its 1.7x label bytes on runs of several "
-        "epochs: 64 took bench.quality's two-epoch student 1.4 and 2.4 % below full-vocabulary "
-        "KD on two seeds, where top-64 alone stayed 3.3 and 2.6 % above (docs/benchmarks.md)."
+        "an unbiased estimate of the full-vocabulary forward KL; 0 keeps that mass as one "
+        "outcome. null = 64 under loss.kind forward_kl, 0 under reverse_kl (which they "
+        "cannot estimate). 64 cost 1.7x the label bytes and 7 % more teacher time, and took "
+        "bench.quality's two-epoch student 1.4 and 2.4 % below full-vocabulary KD on two "
+        "seeds, where top-64 alone stayed 3.3 and 2.6 % above (docs/benchmarks.md)."
     )
     cache: str | None = doc(
         "auto", "Soft-label cache directory (local or s3://): labels are written through "
@@ -94,7 +96,7 @@ class LabelConfig:
             raise ConfigError("top_k", f"must be >= 1, got {self.top_k}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
-        if self.tail_samples < 0:
+        if self.tail_samples is not None and self.tail_samples < 0:
             raise ConfigError("tail_samples", f"must be >= 0, got {self.tail_samples}")
 
 
@@ -113,9 +115,15 @@ class SoftLabels:
     tail_entropy: Any = None  # (B, L) float32 or None, in nats
 
 
+DEFAULT_TAIL_SAMPLES = 64  # what labels.tail_samples: null means under forward KL
+
+
 def tail_samples_for(config: LabelConfig, vocab_size: int) -> int:
-    """Draws per position: none when the top-k already hold the whole vocabulary."""
-    return config.tail_samples if min(config.top_k, vocab_size) < vocab_size else 0
+    """Draws per position: none when the top-k already hold the whole vocabulary. A job
+    resolves tail_samples: null (JobConfig.validate); a LabelConfig used on its own
+    (benches, tests) draws none unless asked."""
+    m = config.tail_samples or 0
+    return m if min(config.top_k, vocab_size) < vocab_size else 0
 
 
 def sample_tail(z: Any, topk_ids: Any, m: int, seeds: Any) -> tuple[Any, Any]:
