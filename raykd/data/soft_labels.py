@@ -80,7 +80,7 @@ class LabelConfig:
         "the same draws). They teach the student the shape of the mass the top-k leave out, "
         "an unbiased estimate of the full-vocabulary forward KL; 0 keeps that mass as one "
         "outcome. null = 64 under loss.kind forward_kl, 0 under reverse_kl (which they "
-        "cannot estimate). 64 cost 1.7x the label bytes and 7 % more teacher time, and took "
+        "cannot estimate). 64 cost 1.7x the label bytes and 5 % more teacher time, and took "
         "bench.quality's two-epoch student 1.4 and 2.4 % below full-vocabulary KD on two "
         "seeds, where top-64 alone stayed 3.3 and 2.6 % above (docs/benchmarks.md)."
     )
@@ -143,8 +143,8 @@ def sample_tail(z: Any, topk_ids: Any, m: int, seeds: Any) -> tuple[Any, Any]:
     for row_z, row_top, seed in zip(z, topk_ids, seeds):  # a row at a time: 1/B the memory
         row_z = row_z.float()
         # Renormalised within the tail, so a confident teacher's tail never underflows to
-        # all zeros. Each pass over (L, V) costs about what a top-k does, so few are made
-        # (torch.logsumexp alone, with its handling of -inf, took three times this loop).
+        # all zeros. Each pass over (L, V) costs about what the top-k does, so few are
+        # made: a copy, a max, an exp in place, a sum, a batched dot and a cumulative sum.
         q.copy_(row_z).scatter_(-1, row_top.long(), float("-inf"))
         top = q.amax(-1, keepdim=True)  # (L, 1)
         q.sub_(top).exp_()  # p~ up to its sum, exactly 0 on the top-k
