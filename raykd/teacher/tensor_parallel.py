@@ -165,7 +165,8 @@ def _release_shm_workspace(rank: int, port: int) -> None:
     barrier no rank needs the names; the mappings live on until each process ends.
     """
     dist.barrier()
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_127.0.0.1_{port}_{rank}"):
+    addr = os.environ["MASTER_ADDR"]  # DeepSpeed names the segment by it (_set_env)
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
         os.unlink(path)  # only this rank unlinks its own segment
 
 
