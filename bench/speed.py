@@ -25,6 +25,11 @@ c over that floor is what the pipeline itself adds.
 each into a fresh cache) and prints their ratio: what the global shuffle of the token
 ids before the teacher costs a streamed epoch.
 
+`--cache-vs-memory` instead asks what (f) / b asks with the worker held fixed: after (a)
+fills a cache, run X trains one worker for two epochs, the first on the labels in memory
+(as b), the second reading the cache (as f), and run Y trains two epochs both from the
+cache, which says how much a worker's second epoch differs from its first by itself.
+
 Also: (b)'s student tokens/s over a plain torch loop on the same tensors in memory (same
 model, AdamW, one thread), and the train worker's peak RSS with 10x the data over 1x.
 """
@@ -35,6 +40,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -137,13 +143,53 @@ def shuffle_cost(plays: list[str], seq_len: int) -> None:
     })
 
 
+def labels_in_memory(cache: str) -> Any:
+    """Every row of a filled cache as the pipeline reads it, materialized in the object
+    store: what (b) trains on."""
+    from raykd.data.cache_source import read_cache
+    from raykd.data.label_cache import LabelCache, Lineage
+    from raykd.data.samples import SampleSet
+
+    lineage = Lineage.from_json(Path(cache, "lineage.json").read_text())
+    ids = np.unique(np.concatenate(LabelCache(cache, lineage).index().ids))
+    return read_cache(cache, lineage, SampleSet.of(int(ids.max()) + 1, ids)).materialize()
+
+
+def cache_vs_memory(plays: list[str], seq_len: int) -> None:
+    """An epoch read from the label cache against one on labels in memory, in one worker
+    (X), and a worker's second epoch against its first with both from the cache (Y)."""
+    import ray
+
+    from raykd.config import job_from_dict
+    from raykd.runner import label_only, run
+
+    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    quiet = lambda _: None  # noqa: E731
+    epochs: dict[str, list[float]] = {}
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        cache = label_only(job_from_dict(job(out, "a", plays, seq_len)), log=quiet)["cache"]
+        in_memory = labels_in_memory(cache)
+        for name, first in (("X", in_memory), ("Y", None)):
+            spec = {**job(out, name, plays, seq_len, epochs=2), "labels": {"cache": cache}}
+            s = run(job_from_dict(spec), log=quiet, first_epoch=first).summary
+            epochs[name] = [s["epoch0_s"], s["epoch1_s"]]
+            print(f"{name}: epochs {epochs[name][0]:.1f} s, {epochs[name][1]:.1f} s", flush=True)
+    finally:
+        ray.shutdown()
+    x, y = (epochs[k][1] / epochs[k][0] for k in ("X", "Y"))
+    report("cache_vs_memory", {
+        "sequences": s["train_sequences"], "seq_len": seq_len, "epoch_s": epochs,
+        "x_cache_epoch2_over_memory_epoch1": round(x, 3),
+        "y_cache_epoch2_over_cache_epoch1": round(y, 3),
+        "cache_over_memory_second_epoch_effect_removed": round(x / y, 3),
+    })
+
+
 def main() -> None:
     import ray
 
     from raykd.config import job_from_dict
-    from raykd.data.cache_source import read_cache
-    from raykd.data.label_cache import LabelCache, Lineage
-    from raykd.data.samples import SampleSet
     from raykd.pipeline import collect
     from raykd.runner import label_only, run
 
@@ -153,10 +199,15 @@ def main() -> None:
     ap.add_argument("--memory-plays", type=int, default=10)
     ap.add_argument("--shuffle-cost", action="store_true",
                     help="only (c), with data.shuffle on and off")
+    ap.add_argument("--cache-vs-memory", action="store_true",
+                    help="only an epoch from the cache against one in memory, in one worker")
     args = ap.parse_args()
     plays = PLAYS[: args.plays]
     if args.shuffle_cost:
         shuffle_cost(plays, args.seq_len)
+        return
+    if args.cache_vs_memory:
+        cache_vs_memory(plays, args.seq_len)
         return
     out = tempfile.mkdtemp(prefix="raykd-speed-")
     quiet = lambda _: None  # noqa: E731
@@ -167,10 +218,7 @@ def main() -> None:
         a = label_only(job_from_dict(job(out, "a", plays, args.seq_len)), log=quiet)
         t["a_teacher_only"] = a["label_s"]
         cache = a["cache"]
-        lineage = Lineage.from_json(Path(cache, "lineage.json").read_text())
-        ids = np.unique(np.concatenate(LabelCache(cache, lineage).index().ids))
-        every = SampleSet.of(int(ids.max()) + 1, ids)
-        in_memory = read_cache(cache, lineage, every).materialize()  # the pipeline's blocks
+        in_memory = labels_in_memory(cache)  # the pipeline's blocks
         # (b) student only, labels in memory.
         b = run(job_from_dict(job(out, "b", plays, args.seq_len)), log=quiet,
                 first_epoch=in_memory).summary
