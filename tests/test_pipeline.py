@@ -246,3 +246,37 @@ def test_epochs_are_shuffled_across_files(ray_cluster, teacher_dir, tmp_path):
     file_of = np.searchsorted(bounds, epoch_order(pipeline.sequences(
         data, "train", seed=pipeline.shuffle_seed(plain, 0))), side="right")
     assert int(np.sum(np.diff(file_of) != 0)) == len(bounds) - 1
+
+
+def test_a_streamed_label_block_reaches_the_student_before_the_next_exists(ray_cluster,
+                                                                          tmp_path):
+    """Each teacher batch is one block; the student must get it as soon as it is written,
+    not when the next one is (Ray Data's default prefetch held one back: a teacher batch
+    of latency at every streamed epoch's start). Here block k is only produced once the
+    consumer has received block k - 1, so a held-back block shows up as a wait that
+    times out."""
+    import time
+
+    import ray
+
+    from raykd.student.train_loop import _iterate
+
+    rows_per_block, wait_s = 4, 20.0
+
+    def label(batch: dict) -> dict:
+        k = int(batch["id"][0]) // rows_per_block
+        started = time.time()
+        if k > 0:
+            while not (tmp_path / f"got-{k - 1}").exists() and time.time() - started < wait_s:
+                time.sleep(0.05)
+        batch["waited_s"] = np.full(len(batch["id"]), time.time() - started)
+        return batch
+
+    ds = ray.data.range(4 * rows_per_block, override_num_blocks=4).map_batches(
+        label, batch_size=rows_per_block, concurrency=1)
+    waits = []
+    for batch in _iterate(ds, rows_per_block, streamed=True):
+        (tmp_path / f"got-{int(batch['id'][0]) // rows_per_block}").touch()
+        waits.append(float(batch["waited_s"][0]))
+    assert len(waits) == 4
+    assert max(waits) < wait_s / 2, waits
