@@ -46,6 +46,26 @@ def report(name: str, rows: dict) -> None:
     print(json.dumps({"bench": name, "machine": machine(), **rows}, indent=1, default=float))
 
 
+def machine_gflops(seconds: float = 2.0) -> float:
+    """This machine's speed at the moment: one thread's float32 1024x1024 matmuls, GFLOP/s.
+    These virtual machines change speed by up to 1.7x between phases of minutes, so a
+    bench that compares runs made minutes apart prints this before each of them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        a @ b  # warm-up
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            n += 1
+        return round(2 * 1024**3 * n / (time.perf_counter() - started) / 1e9, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def student_step() -> Callable[[dict[str, Any]], int]:
     """The quickstart's student (4 layers from the teacher) and a bare training step on a
     batch of labelled rows (tensors): raykd's chunked head and loss, clipping, AdamW.

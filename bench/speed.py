@@ -31,7 +31,10 @@ fills a cache, run X trains one worker for two epochs, the first on the labels i
 cache, which says how much a worker's second epoch differs from its first by itself.
 
 Also: (b)'s student tokens/s over a plain torch loop on the same tensors in memory (same
-model, AdamW, one thread), and the train worker's peak RSS with 10x the data over 1x.
+model, AdamW, one thread; the mean of 45 s just before (b) and 45 s just after it), and
+the train worker's peak RSS with 10x the data over 1x. Before each variant the machine's
+speed is probed (one thread's matmul GFLOP/s) and printed with the results: these
+machines change phase within a run, and the probes say when a ratio straddles a change.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from bench import sharing
-from bench.common import SMOLLM2, TEXTS, report, student_step
+from bench.common import SMOLLM2, TEXTS, machine_gflops, report, student_step
 
 PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night",
          "othello", "hamlet", "lear", "richard_iii", "henry_v"]
@@ -69,6 +72,14 @@ class _Printed(dict):
     def __setitem__(self, key: str, seconds: float) -> None:
         print(f"{key}: {seconds:.1f} s", flush=True)
         super().__setitem__(key, seconds)
+
+
+class _Probes(dict):
+    """The machine's speed (bench.common.machine_gflops) just before each variant."""
+
+    def before(self, key: str) -> None:
+        self[key] = machine_gflops()
+        print(f"machine before {key}: {self[key]} GFLOP/s", flush=True)
 
 
 def plain_torch_tokens_per_s(rows: dict[str, np.ndarray], seconds: float = 60.0) -> float:
@@ -212,30 +223,39 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="raykd-speed-")
     quiet = lambda _: None  # noqa: E731
     t = _Printed()  # each variant's seconds are printed as they come, kept if a run dies
+    probe = _Probes()
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         # (a) teacher only, into its own cache.
+        probe.before("a")
         a = label_only(job_from_dict(job(out, "a", plays, args.seq_len)), log=quiet)
         t["a_teacher_only"] = a["label_s"]
         cache = a["cache"]
         in_memory = labels_in_memory(cache)  # the pipeline's blocks
-        # (b) student only, labels in memory.
+        # (b) student only, labels in memory, between two plain torch loops over the same
+        # rows: the ratio of the two compares steps minutes, not a quarter of an hour, apart.
+        rows = collect(in_memory, None)
+        plain = [plain_torch_tokens_per_s(rows, 45.0)]
+        probe.before("b")
         b = run(job_from_dict(job(out, "b", plays, args.seq_len)), log=quiet,
                 first_epoch=in_memory).summary
         t["b_student_only"] = b["epoch0_s"]
+        plain.append(plain_torch_tokens_per_s(rows, 45.0))
         # (c) streamed, and (f) its second epoch from the cache it wrote.
+        probe.before("c")
         c = run(job_from_dict(job(out, "c", plays, args.seq_len, epochs=2)), log=quiet).summary
         t["c_streamed"] = c["epoch0_s"]
         t["f_epoch2_from_cache"] = c["epoch1_s"]
         # (d) label then train: (a) + one epoch from storage.
+        probe.before("d")
         d = run(job_from_dict({**job(out, "d", plays, args.seq_len),
                                "labels": {"cache": cache}}), log=quiet).summary
         t["d_label_then_train"] = t["a_teacher_only"] + d["epoch0_s"]
         # (e) co-located teacher.
+        probe.before("e")
         e = run(job_from_dict(job(out, "e", plays, args.seq_len, colocated=True)),
                 log=quiet).summary
         t["e_colocated"] = e["epoch0_s"]
-        plain = plain_torch_tokens_per_s(collect(in_memory, None))
         rss = memory(out, args.memory_plays)
     finally:
         ray.shutdown()
@@ -255,9 +275,10 @@ def main() -> None:
         "e_over_c": round(t["e_colocated"] / t["c_streamed"], 3),
         "epoch2_over_b": round(t["f_epoch2_from_cache"] / t["b_student_only"], 3),
         "a_over_b": round(t["a_teacher_only"] / t["b_student_only"], 3),
+        "machine_gflops_before": dict(probe),
         "student_tokens_per_s_ray": round(b_tps, 1),
-        "student_tokens_per_s_plain_torch": round(plain, 1),
-        "ray_over_plain": round(b_tps / plain, 3),
+        "student_tokens_per_s_plain_torch_before_after_b": [round(x, 1) for x in plain],
+        "ray_over_plain": round(b_tps / float(np.mean(plain)), 3),
         "worker_peak_rss_mb": rss, "rss_10x_over_1x": round(rss["10x"] / rss["1x"], 3),
         "goals": {"c_over_max_a_b": "<= 1.10", "d_over_c": ">= 1.6 when a ~ b",
                   "epoch2_over_b": "<= 1.05", "ray_over_plain": ">= 0.90",
