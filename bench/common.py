@@ -46,6 +46,18 @@ def report(name: str, rows: dict) -> None:
     print(json.dumps({"bench": name, "machine": machine(), **rows}, indent=1, default=float))
 
 
+def scratch(prefix: str) -> str:
+    """A temporary directory for a bench's runs, removed when the bench exits: one
+    bench.speed run leaves ~3 GB of label caches and checkpoints."""
+    import atexit
+    import shutil
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, out, True)
+    return out
+
+
 def machine_gflops(seconds: float = 2.0) -> float:
     """This machine's speed at the moment: one thread's float32 1024x1024 matmuls, GFLOP/s.
     These virtual machines change speed by up to 1.7x between phases of minutes, so a

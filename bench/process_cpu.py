@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 import threading
 import time
+
+from bench.common import scratch
 
 
 def cpu_seconds() -> dict[int, tuple[float, str]]:
@@ -53,7 +54,7 @@ def main() -> None:
                 totals[name] += seconds - before.get(pid, (0.0, ""))[0]
             before = now
 
-    out = tempfile.mkdtemp(prefix="raykd-cpu-")
+    out = scratch("raykd-cpu-")
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.time()

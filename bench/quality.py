@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from bench.common import SMOLLM2, TEXTS, report
+from bench.common import SMOLLM2, TEXTS, report, scratch
 
 PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night"]
 
@@ -149,7 +148,7 @@ def main() -> None:
         teacher = next(iter(saved["runs"].values()))["teacher_eval_ppl"]
         plot(saved["curves"], teacher, args.out)
         return
-    out = tempfile.mkdtemp(prefix="raykd-quality-")
+    out = scratch("raykd-quality-")
     plays = PLAYS[: args.plays]
     saved = json.loads(Path(args.results).read_text()) if Path(args.results).exists() else {}
     results, curves = saved.get("runs", {}), saved.get("curves", {})

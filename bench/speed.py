@@ -40,7 +40,6 @@ machines change phase within a run, and the probes say when a ratio straddles a 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from bench import sharing
-from bench.common import SMOLLM2, TEXTS, machine_gflops, report, student_step
+from bench.common import SMOLLM2, TEXTS, machine_gflops, report, scratch, student_step
 
 PLAYS = ["macbeth", "tempest", "comedy_of_errors", "julius_caesar", "twelfth_night",
          "othello", "hamlet", "lear", "richard_iii", "henry_v"]
@@ -131,7 +130,7 @@ def shuffle_cost(plays: list[str], seq_len: int) -> None:
     from raykd.config import job_from_dict
     from raykd.runner import run
 
-    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    out = scratch("raykd-speed-")
     seconds: dict[str, list[float]] = {"on": [], "off": []}
     walls: dict[str, list[float]] = {"on": [], "off": []}
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -174,7 +173,7 @@ def cache_vs_memory(plays: list[str], seq_len: int) -> None:
     from raykd.config import job_from_dict
     from raykd.runner import label_only, run
 
-    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    out = scratch("raykd-speed-")
     quiet = lambda _: None  # noqa: E731
     epochs: dict[str, list[float]] = {}
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -220,7 +219,7 @@ def main() -> None:
     if args.cache_vs_memory:
         cache_vs_memory(plays, args.seq_len)
         return
-    out = tempfile.mkdtemp(prefix="raykd-speed-")
+    out = scratch("raykd-speed-")
     quiet = lambda _: None  # noqa: E731
     t = _Printed()  # each variant's seconds are printed as they come, kept if a run dies
     probe = _Probes()
