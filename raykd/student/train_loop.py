@@ -303,7 +303,9 @@ def _iterate(shard: Any, micro_batch_size: int, *, streamed: bool) -> Any:
     labels as it goes, one label block per teacher batch; Ray Data's default prefetch of
     one batch holds a block back until the next one exists, so each block reached the
     student one teacher batch late (measured: the first one 7-9 s after it was written).
-    Later epochs read the label cache, where prefetching overlaps reads with steps."""
+    Later epochs read the label cache, where prefetching overlaps reads with steps (a
+    rerun whose first epoch is all cached reads it without, each block's fetch then
+    inside the step's wait rather than beside it)."""
     return shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=False,
                                     prefetch_batches=0 if streamed else 1)
 
