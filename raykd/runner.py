@@ -150,6 +150,9 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
                                     "samples_total": data.layout.total,
                                     "train_samples": n_train,
                                     "stats": data.stats,
+                                    # No cache: every epoch is labelled by the pool anew.
+                                    "later_epochs_streamed": (data.cache is None and
+                                                              not job.teacher.colocated),
                                     "eval_ref": ray.put(eval_rows)}},
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -66,7 +66,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # teacher pool to start (processes, model load, a first batch), which then overlaps
     # this worker's own start (model build, DeepSpeed, the first evaluation).
     first_batches = (_EarlyStart(_iterate(ray.train.get_dataset_shard("train"),
-                                          train.micro_batch_size, streamed=True))
+                                          train.micro_batch_size,
+                                          streamed=not job.teacher.colocated))
                      if ray.train.get_checkpoint() is None else None)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -164,8 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch == first_epoch and first_batches is not None:
             epoch_batches = first_batches
         else:
-            epoch_batches = _iterate(shard, train.micro_batch_size,
-                                     streamed=epoch == first_epoch)
+            streamed = (not job.teacher.colocated if epoch == first_epoch
+                        else plan["later_epochs_streamed"])
+            epoch_batches = _iterate(shard, train.micro_batch_size, streamed=streamed)
         batches = _timed(epoch_batches,
                          lambda: window)  # noqa: B023 - the window of the moment, on purpose
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
@@ -299,12 +301,13 @@ def _empty_batch(job: Any, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def _iterate(shard: Any, micro_batch_size: int, *, streamed: bool) -> Any:
-    """Torch batches of `shard`. The first epoch's shard is the one the teacher pool
-    labels as it goes, one label block per teacher batch; Ray Data's default prefetch of
-    one batch holds a block back until the next one exists, so each block reached the
-    student one teacher batch late (measured: the first one 7-9 s after it was written).
-    Later epochs read the label cache, where prefetching overlaps reads with steps (a
-    rerun whose first epoch is all cached reads it without, each block's fetch then
+    """Torch batches of `shard`. A `streamed` shard is one the teacher pool labels as it
+    goes (the first epoch; every epoch when there is no label cache), one label block per
+    teacher batch; Ray Data's default prefetch of one batch holds a block back until the
+    next one exists, so each block reached the student one teacher batch late (measured:
+    the first one 7-9 s after it was written). Epochs read from the label cache, and a
+    co-located teacher's plain sequences, keep the prefetch: it overlaps reads with steps
+    (a rerun whose first epoch is all cached reads it without, each block's fetch then
     inside the step's wait rather than beside it)."""
     return shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=False,
                                     prefetch_batches=0 if streamed else 1)
