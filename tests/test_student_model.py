@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from raykd.student.config import StudentConfig
 from raykd.student.model import build_student, evenly_spaced
+from raykd.teacher.loading import load_weights
 
 
 def test_evenly_spaced_keeps_first_and_last():
@@ -47,3 +51,57 @@ def test_full_copy_reproduces_the_teacher(tiny_teacher):
     x = torch.randint(0, teacher.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(s(x).logits, teacher(x).logits)
+
+
+class _Counting(dict):
+    """A weights mapping that records which tensors were read."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights, self.read = weights, set()
+
+    def __contains__(self, name):
+        return name in self.weights
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return self.weights[name]
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "bin"])
+def test_init_from_teacher_files_reads_only_the_chosen_layers(tiny_teacher, tmp_path, layout):
+    # The teacher as it is saved (tied embeddings: no lm_head tensor in its files), in one
+    # safetensors file, in shards with an index, or as a PyTorch .bin (loaded whole).
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    if layout == "single":
+        directory = tiny_teacher
+    elif layout == "sharded":
+        directory = tmp_path / layout
+        teacher.save_pretrained(directory, max_shard_size="100KB")
+    else:  # transformers saves safetensors only; an older .bin checkpoint, by hand
+        directory = tmp_path / layout
+        directory.mkdir()
+        teacher.config.save_pretrained(directory)
+        torch.save(teacher.state_dict(), directory / "pytorch_model.bin")
+    names = sorted(p.name for p in Path(directory).iterdir())
+    assert ("model.safetensors.index.json" in names) == (layout == "sharded")
+    weights = load_weights(str(directory))
+    assert isinstance(weights, dict) == (layout == "bin")
+    counting = _Counting(weights)
+    cfg = StudentConfig(num_layers=2, init_from_teacher=True, init_layers=[3, 1])
+    s = build_student(teacher.config, cfg, counting).state_dict()
+    whole = build_student(teacher.config, cfg, teacher.state_dict()).state_dict()
+    assert s.keys() == whole.keys()
+    for key in s:
+        assert torch.equal(s[key], whole[key]), key
+    layers_read = {int(k.split(".")[2]) for k in counting.read if ".layers." in k}
+    assert layers_read == {1, 3}
+    assert "model.embed_tokens.weight" in counting.read
+    assert torch.equal(s["lm_head.weight"], s["model.embed_tokens.weight"])  # still tied
+
+
+def test_init_from_teacher_names_a_missing_weight(tiny_teacher):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    state = {k: v for k, v in teacher.state_dict().items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        build_student(teacher.config, StudentConfig(num_layers=2, init_from_teacher=True), state)

@@ -7,6 +7,7 @@ tokenizer and vocabulary and exports as an ordinary Hugging Face model.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
 
 
 def build_student(teacher_config: Any, cfg: StudentConfig,
-                  teacher_state: dict[str, torch.Tensor] | None = None) -> Any:
+                  teacher_state: Mapping[str, torch.Tensor] | None = None) -> Any:
     """A randomly initialised student, or one seeded from `teacher_state` when given."""
     from transformers import AutoModelForCausalLM
 
@@ -57,12 +58,15 @@ def build_student(teacher_config: Any, cfg: StudentConfig,
     return model
 
 
-def init_from_teacher(student: Any, teacher_state: dict[str, torch.Tensor],
+def init_from_teacher(student: Any, teacher_state: Mapping[str, torch.Tensor],
                       layers: list[int]) -> None:
     """Copy non-layer weights (embeddings, final norm, head) and teacher layer
-    `layers[i]` into student layer i. Every student tensor must be found, same shape."""
+    `layers[i]` into student layer i. Every student tensor must be found, same shape;
+    a tied one (the head sharing the embedding's storage) may be absent, as it is from
+    the files of a teacher with tied embeddings."""
     student_state = student.state_dict()
-    missing = []
+    absent = []
+    copied: set[int] = set()
     with torch.no_grad():
         for key, value in student_state.items():
             match = _LAYER_KEY.search(key)
@@ -72,9 +76,11 @@ def init_from_teacher(student: Any, teacher_state: dict[str, torch.Tensor],
             else:
                 source = key
             if source not in teacher_state:
-                missing.append(source)
+                absent.append((source, value.data_ptr()))
                 continue
             value.copy_(teacher_state[source].to(value.dtype))
+            copied.add(value.data_ptr())
+    missing = [source for source, ptr in absent if ptr not in copied]
     if missing:
         raise ValueError(f"teacher has no weights for {missing[:3]} ...")
 

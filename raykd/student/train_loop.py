@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raykd.config import job_from_dict
     from raykd.student.model import build_student
     from raykd.student.optim import deepspeed_config, lr_lambda, optimizer
-    from raykd.teacher.loading import load_model, materialize
+    from raykd.teacher.loading import load_model, load_weights, materialize
 
     job = job_from_dict(config["job"])
     plan = config["plan"]
@@ -85,9 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
     else:
         teacher_dir = materialize(job.teacher.model)
-        teacher_state = None
-        if job.student.init_from_teacher:
-            teacher_state = load_model(teacher_dir, "float32", "cpu").state_dict()
+        teacher_state = load_weights(teacher_dir) if job.student.init_from_teacher else None
         model = build_student(AutoConfig.from_pretrained(teacher_dir), job.student, teacher_state)
         del teacher_state
     model_config = model.config
