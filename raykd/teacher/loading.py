@@ -143,6 +143,9 @@ class _SafetensorsWeights(Mapping):
         with safe_open(self._files[name], "pt") as f:  # mmap: reads this tensor alone
             return f.get_tensor(name)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's own would read the tensor
+        return name in self._files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
