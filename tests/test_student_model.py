@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from raykd.student.config import StudentConfig
-from raykd.student.model import build_student, evenly_spaced
+from raykd.student.model import build_student, evenly_spaced, student_for
 from raykd.teacher.loading import load_weights
 
 
@@ -119,3 +119,22 @@ def test_init_from_teacher_names_a_missing_weight(tiny_teacher):
     state = {k: v for k, v in teacher.state_dict().items() if k != "model.norm.weight"}
     with pytest.raises(ValueError, match="model.norm.weight"):
         build_student(teacher.config, StudentConfig(num_layers=2, init_from_teacher=True), state)
+
+
+@pytest.mark.parametrize("checkpoint", ["causal_lm", "base_model"])
+def test_student_for_a_teacher_directory(tiny_teacher, tmp_path, checkpoint):
+    # A base-model checkpoint names its tensors without the causal LM's "model." prefix:
+    # the lazy read finds none of the student's names and the teacher is loaded whole
+    # (transformers maps the names); either way the student is the same.
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    directory = tiny_teacher
+    if checkpoint == "base_model":
+        directory = tmp_path / "base"
+        teacher.model.save_pretrained(directory)
+        assert not any(k.startswith("model.") for k in load_weights(str(directory)))
+    cfg = StudentConfig(num_layers=2, init_from_teacher=True, init_layers=[3, 1])
+    s = student_for(str(directory), cfg).state_dict()
+    whole = build_student(teacher.config, cfg, teacher.state_dict()).state_dict()
+    assert s.keys() == whole.keys()
+    for key in s:
+        assert torch.equal(s[key], whole[key]), key

@@ -58,6 +58,29 @@ def build_student(teacher_config: Any, cfg: StudentConfig,
     return model
 
 
+class MissingWeights(ValueError):
+    """The teacher's weights, as given, have no tensor for some of the student's."""
+
+
+def student_for(teacher_dir: str, cfg: StudentConfig) -> Any:
+    """The student of the teacher in `teacher_dir`, seeded from its weights when
+    cfg.init_from_teacher: only the tensors it copies are read from the teacher's files.
+    Files that name tensors otherwise than the model does (a base-model checkpoint, or
+    older names that transformers renames as it loads) fall back to the whole teacher."""
+    from transformers import AutoConfig
+
+    from raykd.teacher.loading import load_model, load_weights
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    if not cfg.init_from_teacher:
+        return build_student(config, cfg)
+    try:
+        return build_student(config, cfg, load_weights(teacher_dir))
+    except MissingWeights:
+        whole = load_model(teacher_dir, "float32", "cpu").state_dict()
+        return build_student(config, cfg, whole)
+
+
 def init_from_teacher(student: Any, teacher_state: Mapping[str, torch.Tensor],
                       layers: list[int]) -> None:
     """Copy non-layer weights (embeddings, final norm, head) and teacher layer
@@ -82,7 +105,7 @@ def init_from_teacher(student: Any, teacher_state: Mapping[str, torch.Tensor],
             copied.add(value.data_ptr())
     missing = [source for source, ptr in absent if ptr not in copied]
     if missing:
-        raise ValueError(f"teacher has no weights for {missing[:3]} ...")
+        raise MissingWeights(f"teacher has no weights for {missing[:3]} ...")
 
 
 def full_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:

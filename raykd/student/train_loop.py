@@ -55,9 +55,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from raykd.config import job_from_dict
-    from raykd.student.model import build_student
+    from raykd.student.model import student_for
     from raykd.student.optim import deepspeed_config, lr_lambda, optimizer
-    from raykd.teacher.loading import load_model, load_weights, materialize
+    from raykd.teacher.loading import load_model, materialize
 
     job = job_from_dict(config["job"])
     plan = config["plan"]
@@ -78,16 +78,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(job.run.seed)  # same seed on every rank: identical initial students
 
-    from transformers import AutoConfig
-
     if job.student.model is not None:
         model = load_model(materialize(job.student.model, "student.model"), "float32", "cpu")
         model.train()
     else:
-        teacher_dir = materialize(job.teacher.model)
-        teacher_state = load_weights(teacher_dir) if job.student.init_from_teacher else None
-        model = build_student(AutoConfig.from_pretrained(teacher_dir), job.student, teacher_state)
-        del teacher_state
+        model = student_for(materialize(job.teacher.model), job.student)
     model_config = model.config
     vocab_limit = plan.get("vocab_limit")
     vocab_size = vocab_limit or model_config.vocab_size
