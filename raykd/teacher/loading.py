@@ -113,9 +113,9 @@ def load_model(directory: str, dtype: str, device: str) -> Any:
 def load_weights(directory: str) -> Mapping[str, Any]:
     """The model's tensors by name, each read from its safetensors file only when asked
     for: a student seeded from a few teacher layers reads those layers, not the whole
-    teacher (a 30-layer teacher built in full cost each train worker ~2.4 s and the
-    teacher's size in memory just to copy 4 layers out). Other formats (PyTorch .bin)
-    load the whole model."""
+    teacher (built in fp32 in every train worker, a bf16 teacher cost ~3x its file size in
+    memory just to copy a few layers out; docs/benchmarks.md). Other formats (PyTorch
+    .bin) load the whole model."""
     index = Path(directory, "model.safetensors.index.json")
     single = Path(directory, "model.safetensors")
     if index.exists():
