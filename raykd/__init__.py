@@ -8,6 +8,10 @@ The public surface: load a job, validate it, run it.
 
 from raykd.config import JobConfig, load_job
 from raykd.errors import ConfigError, UserError
+from raykd.jit_ops import use_per_environment_dir
+
+# Before any DeepSpeed op is JIT-built in this process: see raykd.jit_ops.
+use_per_environment_dir()
 
 __all__ = ["JobConfig", "load_job", "run", "ConfigError", "UserError"]
 __version__ = "0.1.0"
