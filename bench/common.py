@@ -83,18 +83,15 @@ def student_step() -> Callable[[dict[str, Any]], int]:
     batch of labelled rows (tensors): raykd's chunked head and loss, clipping, AdamW.
     Returns the step, which returns the tokens it trained on."""
     import torch
-    from transformers import AutoConfig
 
     from raykd.data import soft_labels
     from raykd.student.config import StudentConfig
     from raykd.student.head_loss import StudentLoss
-    from raykd.student.model import build_student
-    from raykd.teacher.loading import load_model, materialize
+    from raykd.student.model import student_for
+    from raykd.teacher.loading import materialize
 
-    teacher_dir = materialize(SMOLLM2)
-    model = build_student(AutoConfig.from_pretrained(teacher_dir),
-                          StudentConfig(num_layers=4, init_from_teacher=True),
-                          load_model(teacher_dir, "float32", "cpu").state_dict())
+    # Seeded as the train workers seed theirs (only the copied tensors are read).
+    model = student_for(materialize(SMOLLM2), StudentConfig(num_layers=4, init_from_teacher=True))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = StudentLoss(model, model.config.vocab_size, alpha=0.5, temperature=1.0)
 
