@@ -36,13 +36,14 @@ def _batch() -> dict:
             "sample_index": np.arange(B, dtype=np.int64)}
 
 
-def _teacher():
+def _teacher(dtype: str = "auto"):
     from bench.common import SMOLLM2
     from raykd.data.soft_labels import LabelConfig
     from raykd.teacher.config import TeacherConfig
     from raykd.teacher.replica import TeacherReplica
 
-    replica = TeacherReplica(TeacherConfig(model=SMOLLM2, num_cpus=1), LabelConfig())
+    replica = TeacherReplica(TeacherConfig(model=SMOLLM2, num_cpus=1, dtype=dtype),
+                             LabelConfig())
     batch = _batch()
     return lambda: replica(batch)
 
@@ -54,11 +55,12 @@ def _student():
     return lambda: step(batch)
 
 
-def _worker(kind: str, seconds: float, start: mp.Barrier, out: mp.Queue) -> None:
+def _worker(kind: str, seconds: float, start: mp.Barrier, out: mp.Queue,
+            teacher_dtype: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    work = {"teacher": _teacher, "student": _student}[kind]()
+    work = _teacher(teacher_dtype) if kind == "teacher" else _student()
     work()  # warm-up: first-call allocations and lazy inits stay out of the rate
     start.wait()
     began, n = time.perf_counter(), 0
@@ -68,11 +70,13 @@ def _worker(kind: str, seconds: float, start: mp.Barrier, out: mp.Queue) -> None
     out.put((kind, (time.perf_counter() - began) / n))
 
 
-def seconds_per_iteration(kinds: list[str], seconds: float) -> dict[str, float]:
+def seconds_per_iteration(kinds: list[str], seconds: float,
+                          teacher_dtype: str = "auto") -> dict[str, float]:
     """Each kind in its own process; all start their timed loops together."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(kinds)), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(k, seconds, start, out)) for k in kinds]
+    procs = [ctx.Process(target=_worker, args=(k, seconds, start, out, teacher_dtype))
+             for k in kinds]
     for p in procs:
         p.start()
     got = dict(out.get() for _ in procs)
@@ -93,10 +97,10 @@ def floor(a: float, b: float, teacher_slowdown: float, student_slowdown: float) 
     return c / max(a, b)
 
 
-def measure(seconds: float = 45.0) -> dict[str, float]:
-    alone = {**seconds_per_iteration(["teacher"], seconds),
+def measure(seconds: float = 45.0, teacher_dtype: str = "auto") -> dict[str, float]:
+    alone = {**seconds_per_iteration(["teacher"], seconds, teacher_dtype),
              **seconds_per_iteration(["student"], seconds)}
-    shared = seconds_per_iteration(["teacher", "student"], seconds)
+    shared = seconds_per_iteration(["teacher", "student"], seconds, teacher_dtype)
     return {"teacher_s_alone": round(alone["teacher"], 3),
             "student_s_alone": round(alone["student"], 3),
             "teacher_s_shared": round(shared["teacher"], 3),

@@ -41,7 +41,7 @@ from raykd.data.samples import Layout, SampleSet
 from raykd.errors import UserError
 from raykd.preflight import Preflight
 from raykd.storage import FileSet, is_remote, local_path
-from raykd.teacher.replica import TeacherReplica, resolve_dtype
+from raykd.teacher.replica import TeacherReplica, resolve_dtype, resolved
 
 
 @dataclass
@@ -196,7 +196,7 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
     ds = ds.repartition(target_num_rows_per_block=job.teacher.batch_size)
     return ds.map_batches(
         TeacherReplica,
-        fn_constructor_kwargs={"teacher": job.teacher, "labels": job.labels,
+        fn_constructor_kwargs={"teacher": resolved(job.teacher), "labels": job.labels,
                                "emit_nll": emit_nll, "vocab_limit": vocab_limit,
                                "stats": stats},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),

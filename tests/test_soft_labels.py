@@ -136,7 +136,9 @@ def test_teacher_replica_labels_without_starting_ray(tmp_path):
     assert not ray.is_initialized()
     model_dir = make_llama(tmp_path / "teacher", layers=1)
     labels = LabelConfig(top_k=4, encoding="exact")
-    replica = TeacherReplica(TeacherConfig(model=str(model_dir), num_cpus=1), labels)
+    # float32: the labels are compared with an fp32 forward (auto may pick bf16 here).
+    replica = TeacherReplica(TeacherConfig(model=str(model_dir), num_cpus=1, dtype="float32"),
+                             labels)
     ids = np.random.default_rng(0).integers(0, 512, (2, 6))
     out = replica({"input_ids": ids, "length": np.full((2,), 6)})
     assert not ray.is_initialized()
@@ -144,3 +146,21 @@ def test_teacher_replica_labels_without_starting_ray(tmp_path):
         logits = load_model(str(model_dir), "float32", "cpu")(
             input_ids=torch.from_numpy(ids)).logits
     np.testing.assert_array_equal(out["topk_ids"], logits.topk(4, -1).indices.numpy())
+
+
+def test_auto_dtype_is_bf16_where_the_hardware_has_it(monkeypatch):
+    from raykd.teacher import replica
+    from raykd.teacher.config import TeacherConfig
+
+    cpu, gpu = TeacherConfig(model="m"), TeacherConfig(model="m", num_gpus=1)
+    monkeypatch.setattr(replica, "cpu_has_native_bf16", lambda: False)
+    assert replica.resolve_dtype(cpu) == "float32"
+    assert replica.resolve_dtype(gpu) == "bfloat16"
+    monkeypatch.setattr(replica, "cpu_has_native_bf16", lambda: True)
+    assert replica.resolve_dtype(cpu) == "bfloat16"
+    assert replica.resolve_dtype(TeacherConfig(model="m", dtype="float32")) == "float32"
+    # The driver makes it concrete once, and replicas then keep it whatever their CPU.
+    concrete = replica.resolved(cpu)
+    assert concrete.dtype == "bfloat16"
+    monkeypatch.setattr(replica, "cpu_has_native_bf16", lambda: False)
+    assert replica.resolve_dtype(concrete) == "bfloat16"

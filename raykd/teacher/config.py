@@ -35,7 +35,8 @@ class TeacherConfig:
         "or pkg://DISTRIBUTION/path for a model that ships in a Python package."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
-        "auto", "Inference dtype; auto is bfloat16 on GPU and float32 on CPU."
+        "auto", "Inference dtype; auto is bfloat16 on GPU and on CPUs with bfloat16 "
+        "instructions (AVX512-BF16, AMX), float32 on other CPUs."
     )
     batch_size: int = doc(8, "Sequences per teacher forward pass.")
     tp_size: int = doc(
