@@ -30,9 +30,10 @@ def _clean_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_one_directory_per_environment(tmp_path):
-    a = jit_ops.per_environment_dir("/opt/envs/a")
-    assert a == jit_ops.per_environment_dir("/opt/envs/a")
-    assert a != jit_ops.per_environment_dir("/opt/envs/b")
+    a = jit_ops.per_environment_dir("/opt/envs/a", "/usr/bin/ninja")
+    assert a == jit_ops.per_environment_dir("/opt/envs/a", "/usr/bin/ninja")
+    assert a != jit_ops.per_environment_dir("/opt/envs/b", "/usr/bin/ninja")
+    assert a != jit_ops.per_environment_dir("/opt/envs/a", "/opt/envs/a/bin/ninja")
     assert Path(a).parent.name == "torch_extensions"
     assert Path(a).name.startswith(f"py{sys.version_info.major}{sys.version_info.minor}-")
 
@@ -67,6 +68,16 @@ def test_two_environments_build_in_two_places(monkeypatch, tmp_path):
     other_env, other_build = _probe(str(other / "bin" / "python"), env)
     assert other_env != here_env and other_build != here_build
     assert Path(other_env).parent == Path(here_env).parent  # both under torch_extensions
+
+    # Another ninja first on PATH (as in an activated venv whose `ninja` wheel differs from
+    # the system's): another directory, since each ninja reads the other's log as stale.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "ninja").chmod(0o755)
+    path = {**env, "PATH": f"{fake}{os.pathsep}{env.get('PATH', '')}"}
+    other_ninja_env, _ = _probe(sys.executable, path)
+    assert other_ninja_env not in (here_env, other_env)
 
     # A directory the user set is used as it is, in every environment.
     mine = str(tmp_path / "mine")
