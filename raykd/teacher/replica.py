@@ -37,8 +37,8 @@ def resolved(teacher: TeacherConfig) -> TeacherConfig:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16, AMX-BF16).
     There a teacher's forward in bf16 is 1.6-1.8x faster than in fp32 (SmolLM2-135M, one
-    thread, AMD Zen 4), and its labels differ by a KL of ~0.001 nats a token; elsewhere
-    bf16 matmuls are emulated and slower than fp32."""
+    thread, AMD Zen 4), and its labels differ by a KL of ~0.001 nats a token. Without
+    them bf16 matmuls are emulated, with no such gain to expect (not measured here)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
