@@ -238,6 +238,16 @@ def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
+def rows_to_label(job: JobConfig, p: DataPlan, done: SampleSet | None = None) -> int:
+    """How many rows `first_epoch(job, p, ..., done)` sends through the teacher pool."""
+    if job.teacher.colocated:
+        return 0
+    todo = p.train - done if done is not None else p.train
+    if p.cache is None:
+        return len(todo)
+    return len(todo - p.cache.index().cached(p.layout.total))
+
+
 def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:
     """Training rows of every later epoch: the cache alone (filled by the first), or the
     teacher again when caching is off. One dataset serves them all, so they share one

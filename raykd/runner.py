@@ -8,6 +8,7 @@ Run it on a laptop's CPU with `raykd run jobs/quickstart.yaml`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from raykd.student.ledger import Ledger
 from raykd.student.losses import target_mask
 from raykd.student.optim import describe_zero
 from raykd.teacher.loading import materialize
+from raykd.teacher.replica import resolved
 
 
 @dataclass
@@ -144,7 +146,9 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         datasets["later"] = pipeline.later_epochs(job, data, on_cluster)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": to_dict(job),
+        # teacher.dtype made concrete here: a co-located teacher then computes in the dtype
+        # the held-out labels (labelled on the driver's resolution) were made in.
+        train_loop_config={"job": to_dict(dataclasses.replace(job, teacher=resolved(job.teacher))),
                            "plan": {"total_steps": total_steps,
                                     "vocab_limit": data.vocab_limit,
                                     "samples_total": data.layout.total,
@@ -222,6 +226,10 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
         "pipelined": bool(final.get("labeled_at_max", 0) > final.get("first_step_time", 0) > 0),
         "teacher_tokens": final.get("teacher_tokens"),
         "worker_peak_rss_mb": final.get("worker_peak_rss_mb"),
+        # The idle teacher's CPUs (raykd.student.threads): rank 0's threads at the end, and
+        # when it took them, from the start of its first epoch (absent if it never did).
+        "student_threads": final.get("threads"),
+        "threads_raised_after_s": final.get("threads_raised_after_s"),
         **{k: v for k, v in final.items() if k.startswith("epoch") and k.endswith("_s")},
     }
 
@@ -274,6 +282,8 @@ class FirstEpoch:
         rundir.append_event(Path(self.run_dir), {
             "event": "workers_start", "resume_step": pointer["step"] if pointer else 0,
             "skipped": len(done) if done is not None else 0})
+        # Before the pool starts: the workers learn when it is done (raykd.student.threads).
+        telemetry.expect(self.data.stats, pipeline.rows_to_label(self.job, self.data, done))
         return pipeline.first_epoch(self.job, self.data, self.on_cluster, done, epoch)
 
     def done(self, pointer: dict[str, Any]) -> tuple[Any, int]:

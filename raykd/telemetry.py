@@ -7,10 +7,15 @@ driver's progress printer read it.
 
     TeacherReplica --add(replica, rows, tokens, busy_s)--> PoolStats <--snapshot()-- rank 0
                                                                      <--snapshot()-- Follower
+    FirstEpoch (each worker-group start) --expect(rows)--> PoolStats <--idle_cpus(node)-- workers
+
+`expect` and `idle_cpus` let CPU students use the teacher's cores once it is done (see
+raykd.student.threads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -32,6 +37,11 @@ class PoolStats:
         self.busy_s = 0.0
         self.replicas: dict[str, float] = {}  # replica actor id -> last report time
         self.started = time.time()
+        # The labelling pass of the current worker-group (re)start: the rows it must label,
+        # the row count when it began, and the CPUs its replicas hold, by node.
+        self.expected: int | None = None
+        self.rows_at_expect = 0
+        self.cpus: dict[str, dict[str, float]] = {}  # node id -> replica id -> CPUs
 
     def add(self, replica: str, rows: int, tokens: int, busy_s: float) -> None:
         self.rows += rows
@@ -39,8 +49,21 @@ class PoolStats:
         self.busy_s += busy_s
         self.replicas[replica] = time.time()
 
-    def hello(self, replica: str) -> None:
+    def hello(self, replica: str, node: str = "", cpus: float = 0.0) -> None:
         self.replicas.setdefault(replica, time.time())
+        if node:
+            self.cpus.setdefault(node, {})[replica] = cpus
+
+    def expect(self, rows: int) -> None:
+        """A new labelling pass of `rows` rows starts (its replicas are yet to say hello)."""
+        self.expected, self.rows_at_expect, self.cpus = rows, self.rows, {}
+
+    def idle_cpus(self, node: str) -> float:
+        """The CPUs this pass's replicas hold on `node` once the pass has labelled all its
+        rows, else 0. A retried batch is counted twice, so this may come a batch early."""
+        if self.expected is None or self.rows - self.rows_at_expect < self.expected:
+            return 0.0
+        return float(sum(self.cpus.get(node, {}).values()))
 
     def snapshot(self) -> dict[str, Any]:
         return {"time": time.time(), "rows": self.rows, "tokens": self.tokens,
@@ -87,6 +110,17 @@ def stop(actor: Any) -> None:
         import ray
 
         ray.kill(actor)
+
+
+def expect(name: str | None, rows: int, timeout_s: float = 5.0) -> None:
+    """Tell the run's PoolStats (if any) that a labelling pass of `rows` rows starts."""
+    actor = find(name)
+    if actor is None:
+        return
+    import ray
+
+    with contextlib.suppress(Exception):  # telemetry must never fail a run
+        ray.get(actor.expect.remote(rows), timeout=timeout_s)
 
 
 def snapshot(actor: Any, timeout_s: float = 5.0) -> dict[str, Any] | None:

@@ -97,6 +97,10 @@ class TrainConfig:
     num_workers: int = doc(1, "Ray Train workers (data-parallel ranks).")
     use_gpu: bool = doc(False, "One GPU per worker with NCCL; false trains on CPU with gloo.")
     cpus_per_worker: float = doc(1.0, "CPUs reserved by each worker (its torch threads on CPU).")
+    reuse_teacher_cpus: bool = doc(
+        True, "On CPU, once the teacher pool has labelled all it has to, each worker also "
+        "runs torch on its share of the CPUs the pool's replicas held on its node."
+    )
     resources: dict[str, float] = doc(
         {}, "Custom Ray resources each worker needs, e.g. {student: 1} for student nodes."
     )

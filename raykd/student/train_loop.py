@@ -33,6 +33,7 @@ from raykd.student import checkpoint as ckpt
 from raykd.student.checkpoint import Progress
 from raykd.student.head_loss import StudentLoss
 from raykd.student.ledger import Ledger, candidates, fresh_rows
+from raykd.student.threads import for_worker
 
 
 @dataclass
@@ -76,6 +77,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    threads = for_worker(plan, train, ctx.get_local_world_size())  # + the idle teacher's
     torch.manual_seed(job.run.seed)  # same seed on every rank: identical initial students
 
     if job.student.model is not None:
@@ -122,6 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         base = {"step": progress.step, "epoch": progress.epoch, "samples": progress.samples,
                 "tokens": progress.tokens, "time": time.time(),
                 "labeled_at_max": _all_max(labeled_at_max, device),
+                **({"threads": threads.now} if threads is not None else {}),
                 **teacher_rate.update(telemetry.snapshot(pool)), **metrics}
         if not save:
             ray.train.report(base)
@@ -151,6 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window = Window()
     done = max_steps_reached = False
     epoch_seconds: dict[int, float] = {}
+    loop_started = time.time()
     for epoch in range(progress.epoch, train.epochs):
         progress.epoch = epoch
         epoch_started = time.time()
@@ -165,6 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          lambda: window)  # noqa: B023 - the window of the moment, on purpose
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
+            if threads is not None:  # a later epoch without a cache streams a fresh pool
+                threads.update(teacher_may_run=(epoch != first_epoch
+                                                and plan["later_epochs_streamed"]))
             keep = _exactly_once(batch, progress, epoch, rank, world, train.micro_batch_size,
                                  device)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -214,8 +221,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             break
         _check_epoch(progress, epoch, plan["train_samples"])
     metrics = _last_window_metrics(window, float(engine.get_lr()[0]), device, progress)
+    if threads is not None:  # the last evaluation is the students' alone too
+        threads.update(force=True)
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
+    if threads is not None and threads.raised_at is not None:
+        # When this worker took the idle teacher's CPUs, from the start of its first epoch.
+        metrics["threads_raised_after_s"] = round(threads.raised_at - loop_started, 3)
     # ru_maxrss is in KiB on Linux: memory must not grow with the dataset (bench/speed.py).
     metrics["worker_peak_rss_mb"] = _all_max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, device)

@@ -90,7 +90,8 @@ class TeacherReplica:
         self.replica_id = (ray.get_runtime_context().get_actor_id() or ""
                            if ray.is_initialized() else "")
         if self.stats is not None:
-            self.stats.hello.remote(self.replica_id)
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+            self.stats.hello.remote(self.replica_id, node, float(teacher.num_cpus))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
