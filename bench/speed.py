@@ -12,11 +12,15 @@ teacher-only time around the labelling pass.
 
   (a) teacher-only      label every sequence into an empty cache, train nothing
   (b) student-only      one epoch on labels already in memory (no teacher)
-  (c) streamed          raykd: teacher pool (1 CPU) streaming to the student (1 CPU)
+  (c) streamed          raykd: teacher pool (1 CPU) streaming to the student (1 CPU);
+                        once the pool has labelled the epoch, the student also runs on
+                        the teacher's CPU (train.reuse_teacher_cpus, the default)
   (d) label-then-train  (a) to storage, then one epoch reading it back (DistillKit's way)
   (e) co-located        teacher forward inside each training step, one worker with both
                         CPUs (TRL's / torchdistill's way)
-  (f) epoch 2           the second epoch of (c), reading the label cache
+  (f) epoch 2           the second epoch of (d)'s run, reading the label cache on one
+                        thread as (b) does (a second epoch of (c) would have the
+                        teacher's CPU as well, and would not compare the two reads)
 
 They run in the order a, b, c, d, e, c, b, a (the repeats from empty caches), and a, b
 and c are the means of their two runs: the machine's speed drifts within a run, and a
@@ -25,7 +29,9 @@ is printed too). (d) is the mean (a) plus one epoch reading (a)'s cache.
 
 Then `bench.sharing`: the teacher's and the student's work as two plain processes, alone
 and at the same time, and the c / max(a, b) that their sharing the cores alone would give;
-c over that floor is what the pipeline itself adds.
+c over that floor is what the pipeline itself adds. The floor's student keeps one thread
+after the teacher is done, so (c), whose student then takes the teacher's CPU, can go below
+it.
 
 `--shuffle-cost` instead runs (c) alone with data.shuffle on and off (on, off, off, on,
 each into a fresh cache) and prints their ratio: what the global shuffle of the token
@@ -263,16 +269,17 @@ def main() -> None:
                 first_epoch=in_memory).summary
         t["b1_student_only"] = b["epoch0_s"]
         plain.append(plain_torch_tokens_per_s(rows, 45.0))
-        # (c) streamed, and (f) its second epoch from the cache it wrote.
+        # (c) streamed.
         probe.before("c1")
-        c = run(job_from_dict(job(out, "c", plays, args.seq_len, epochs=2)), log=quiet).summary
+        c = run(job_from_dict(job(out, "c", plays, args.seq_len)), log=quiet).summary
         t["c1_streamed"] = c["epoch0_s"]
-        t["f_epoch2_from_cache"] = c["epoch1_s"]
-        # (d) label then train: (a), the mean of both, + one epoch from storage.
+        # (d) label then train: (a), the mean of both, + one epoch from storage; and (f),
+        # the second epoch of that run, from the same cache.
         probe.before("d")
-        d = run(job_from_dict({**job(out, "d", plays, args.seq_len),
+        d = run(job_from_dict({**job(out, "d", plays, args.seq_len, epochs=2),
                                "labels": {"cache": cache}}), log=quiet).summary
         t["d_train_from_storage"] = d["epoch0_s"]
+        t["f_epoch2_from_cache"] = d["epoch1_s"]
         # (e) co-located teacher.
         probe.before("e")
         e = run(job_from_dict(job(out, "e", plays, args.seq_len, colocated=True)),
@@ -307,6 +314,11 @@ def main() -> None:
         "mean_of_pairs_s": {"a": round(a_s, 1), "b": round(b_s, 1), "c": round(c_s, 1),
                             "d": round(d_s, 1)},
         "c_over_max_a_b": round(c_s / max(a_s, b_s), 3),
+        # When (c)'s student took the idle teacher's CPU (raykd.student.threads), from the
+        # start of its epoch, and its threads then; (b), (d) and (f) keep one thread.
+        "c_threads_raised_after_s": [c["threads_raised_after_s"], c2["threads_raised_after_s"]],
+        "c_threads": [c["student_threads"], c2["student_threads"]],
+        "b_d_threads": [b["student_threads"], b2["student_threads"], d["student_threads"]],
         "c_over_max_a_b_first_and_second_half": [
             round(t[f"c{i}_streamed"] / max(t[f"a{i}_teacher_only"], t[f"b{i}_student_only"]), 3)
             for i in (1, 2)],
