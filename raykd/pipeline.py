@@ -185,8 +185,9 @@ def sequences(p: DataPlan, split: str, keep: SampleSet | None = None,
 
 def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
           emit_nll: bool = False, pool: tuple[int, int] | None = None,
-          stats: str | None = None) -> Any:
-    """Add soft-label columns with an autoscaling pool of teacher replicas."""
+          stats: str | None = None, pass_id: int | None = None) -> Any:
+    """Add soft-label columns with an autoscaling pool of teacher replicas (reporting to
+    the PoolStats actor `stats`, under labelling pass `pass_id`)."""
     import ray.data
 
     lo, hi = pool or (job.teacher.replicas.min, job.teacher.replicas.max)
@@ -198,7 +199,7 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
         TeacherReplica,
         fn_constructor_kwargs={"teacher": resolved(job.teacher), "labels": job.labels,
                                "emit_nll": emit_nll, "vocab_limit": vocab_limit,
-                               "stats": stats},
+                               "stats": stats, "pass_id": pass_id},
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         batch_size=job.teacher.batch_size,
         batch_format="numpy",
@@ -209,43 +210,57 @@ def label(job: JobConfig, ds: Any, on_cluster: bool, vocab_limit: int | None,
     )
 
 
+@dataclass
+class EpochRows:
+    """The training rows of the first epoch of a (re)start (`todo`): those read from the
+    label cache, and those sent through the teacher pool."""
+
+    todo: SampleSet
+    from_cache: SampleSet
+    to_label: SampleSet
+
+
+def first_epoch_rows(job: JobConfig, p: DataPlan, done: SampleSet | None = None) -> EpochRows:
+    """All training rows but `done` (what the restored checkpoint already trained on):
+    cached ones from the cache, the rest for the teacher (none when co-located: the
+    students label their own batches)."""
+    todo = p.train - done if done is not None else p.train
+    nothing = SampleSet(p.layout.total)
+    if job.teacher.colocated:
+        return EpochRows(todo, nothing, nothing)
+    if p.cache is None:
+        return EpochRows(todo, nothing, todo)
+    cached = p.cache.index().cached(p.layout.total)  # now: a restart finds what was written
+    return EpochRows(todo, todo & cached, todo - cached)
+
+
 def first_epoch(job: JobConfig, p: DataPlan, on_cluster: bool,
-                done: SampleSet | None = None, epoch: int = 0) -> Any:
-    """Training rows of the first epoch of a (re)start (`epoch`, its index): all but `done`
-    (what the restored checkpoint already trained on), cached ones from the cache, the
-    rest labelled now and written through to the cache."""
+                done: SampleSet | None = None, epoch: int = 0,
+                rows: EpochRows | None = None, pass_id: int | None = None) -> Any:
+    """Training rows of the first epoch of a (re)start (`epoch`, its index): `rows`
+    (first_epoch_rows), cached ones from the cache, the rest labelled now and written
+    through to the cache. pass_id: the labelling pass the replicas report under
+    (raykd.telemetry.PoolStats)."""
     import ray
     import ray.data
 
-    todo = p.train - done if done is not None else p.train
+    rows = rows or first_epoch_rows(job, p, done)
     seed = shuffle_seed(job, epoch)
+    keep = rows.todo if done is not None else None
     if job.teacher.colocated:  # the students label their own batches
-        return sequences(p, "train", todo if done is not None else None, seed)
+        return sequences(p, "train", keep, seed)
     if p.cache is None:
-        return label(job, sequences(p, "train", todo if done is not None else None, seed),
-                     on_cluster, p.vocab_limit, stats=p.stats)
-    cached = p.cache.index().cached(p.layout.total)  # now: a restart finds what was written
-    from_cache = todo & cached
-    missing = todo - cached
+        return label(job, sequences(p, "train", keep, seed), on_cluster, p.vocab_limit,
+                     stats=p.stats, pass_id=pass_id)
     parts = []
-    if len(from_cache):
-        parts.append(read_cache(p.cache.uri, p.cache.lineage, ray.put(from_cache), seed))
-    if len(missing) or not parts:
-        keep = missing if (len(from_cache) or done is not None) else None
+    if len(rows.from_cache):
+        parts.append(read_cache(p.cache.uri, p.cache.lineage, ray.put(rows.from_cache), seed))
+    if len(rows.to_label) or not parts:
+        keep = rows.to_label if (len(rows.from_cache) or done is not None) else None
         labelled = label(job, sequences(p, "train", keep, seed), on_cluster, p.vocab_limit,
-                         stats=p.stats)
+                         stats=p.stats, pass_id=pass_id)
         parts.append(write_through(p.cache, labelled, job.teacher.replicas.max))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def rows_to_label(job: JobConfig, p: DataPlan, done: SampleSet | None = None) -> int:
-    """How many rows `first_epoch(job, p, ..., done)` sends through the teacher pool."""
-    if job.teacher.colocated:
-        return 0
-    todo = p.train - done if done is not None else p.train
-    if p.cache is None:
-        return len(todo)
-    return len(todo - p.cache.index().cached(p.layout.total))
 
 
 def later_epochs(job: JobConfig, p: DataPlan, on_cluster: bool) -> Any:

@@ -282,9 +282,12 @@ class FirstEpoch:
         rundir.append_event(Path(self.run_dir), {
             "event": "workers_start", "resume_step": pointer["step"] if pointer else 0,
             "skipped": len(done) if done is not None else 0})
-        # Before the pool starts: the workers learn when it is done (raykd.student.threads).
-        telemetry.expect(self.data.stats, pipeline.rows_to_label(self.job, self.data, done))
-        return pipeline.first_epoch(self.job, self.data, self.on_cluster, done, epoch)
+        rows = pipeline.first_epoch_rows(self.job, self.data, done)
+        # Announced before the pool starts, so the workers learn when it is done and take
+        # its CPUs (raykd.student.threads).
+        pass_id = telemetry.expect(self.data.stats, len(rows.to_label))
+        return pipeline.first_epoch(self.job, self.data, self.on_cluster, done, epoch, rows,
+                                    pass_id)
 
     def done(self, pointer: dict[str, Any]) -> tuple[Any, int]:
         """What the checkpoint's epoch already trained on, and that epoch's index."""

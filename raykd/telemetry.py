@@ -15,7 +15,6 @@ raykd.student.threads).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -37,33 +36,52 @@ class PoolStats:
         self.busy_s = 0.0
         self.replicas: dict[str, float] = {}  # replica actor id -> last report time
         self.started = time.time()
-        # The labelling pass of the current worker-group (re)start: the rows it must label,
-        # the row count when it began, and the CPUs its replicas hold, by node.
-        self.expected: int | None = None
-        self.rows_at_expect = 0
+        # The labelling pass of the current worker-group (re)start (raykd.student.threads):
+        # its id, the rows it must label, those labelled so far, and its replicas' CPUs by
+        # node. Reports carry the pass id of the pool that made them: an earlier pool's
+        # late batches (after a restart) do not count towards the current pass.
+        self.current = 0  # 0: no pass announced
+        self.expected = 0
+        self.pass_rows = 0
         self.cpus: dict[str, dict[str, float]] = {}  # node id -> replica id -> CPUs
+        self.unannounced = False  # a pool runs whose pass was never announced
 
-    def add(self, replica: str, rows: int, tokens: int, busy_s: float) -> None:
+    def add(self, replica: str, rows: int, tokens: int, busy_s: float,
+            pass_id: int | None = None) -> None:
         self.rows += rows
         self.tokens += tokens
         self.busy_s += busy_s
         self.replicas[replica] = time.time()
+        if self._in_pass(pass_id):
+            self.pass_rows += rows
 
-    def hello(self, replica: str, node: str = "", cpus: float = 0.0) -> None:
+    def hello(self, replica: str, node: str = "", cpus: float = 0.0,
+              pass_id: int | None = None) -> None:
         self.replicas.setdefault(replica, time.time())
-        if node:
+        if self._in_pass(pass_id) and node:
             self.cpus.setdefault(node, {})[replica] = cpus
 
-    def expect(self, rows: int) -> None:
-        """A new labelling pass of `rows` rows starts (its replicas are yet to say hello)."""
-        self.expected, self.rows_at_expect, self.cpus = rows, self.rows, {}
+    def expect(self, rows: int) -> int:
+        """A new labelling pass of `rows` rows starts: its id, for its replicas' reports."""
+        self.current += 1
+        self.expected, self.pass_rows, self.cpus = rows, 0, {}
+        self.unannounced = False
+        return self.current
 
     def idle_cpus(self, node: str) -> float:
-        """The CPUs this pass's replicas hold on `node` once the pass has labelled all its
+        """The CPUs the current pass's replicas hold on `node` once it has labelled all its
         rows, else 0. A retried batch is counted twice, so this may come a batch early."""
-        if self.expected is None or self.rows - self.rows_at_expect < self.expected:
+        if self.current == 0 or self.unannounced or self.pass_rows < self.expected:
             return 0.0
         return float(sum(self.cpus.get(node, {}).values()))
+
+    def _in_pass(self, pass_id: int | None) -> bool:
+        """Whether a report belongs to the current pass. None: a pool outside the passes
+        (the held-out set's, a later epoch's without a cache). A negative id: a pool whose
+        announcement failed, which holds the teacher's CPUs until the next pass."""
+        if pass_id is not None and pass_id < 0:
+            self.unannounced = True
+        return pass_id is not None and pass_id == self.current
 
     def snapshot(self) -> dict[str, Any]:
         return {"time": time.time(), "rows": self.rows, "tokens": self.tokens,
@@ -112,15 +130,20 @@ def stop(actor: Any) -> None:
         ray.kill(actor)
 
 
-def expect(name: str | None, rows: int, timeout_s: float = 5.0) -> None:
-    """Tell the run's PoolStats (if any) that a labelling pass of `rows` rows starts."""
-    actor = find(name)
-    if actor is None:
-        return
-    import ray
+def expect(name: str | None, rows: int, timeout_s: float = 5.0) -> int | None:
+    """Announce to the run's PoolStats a labelling pass of `rows` rows: the pass id for its
+    replicas to report under, None without a PoolStats, -1 if the announcement failed."""
+    if not name:
+        return None
+    try:
+        actor = find(name)
+        if actor is None:
+            return None
+        import ray
 
-    with contextlib.suppress(Exception):  # telemetry must never fail a run
-        ray.get(actor.expect.remote(rows), timeout=timeout_s)
+        return int(ray.get(actor.expect.remote(rows), timeout=timeout_s))
+    except Exception:  # noqa: BLE001 - telemetry must never fail a run
+        return -1
 
 
 def snapshot(actor: Any, timeout_s: float = 5.0) -> dict[str, Any] | None:

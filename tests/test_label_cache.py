@@ -42,6 +42,34 @@ def test_shards_round_trip_and_index_dedups(tmp_path):
     assert np.array_equal(back["input_ids"], rows([5, 3, 9])["input_ids"])
 
 
+def test_the_first_epoch_labels_only_what_the_cache_and_the_checkpoint_lack(tmp_path):
+    """first_epoch_rows: what a (re)start reads from the cache and what it sends through
+    the teacher (the count the workers wait for before taking the teacher's CPUs)."""
+    from raykd.config import job_from_dict
+    from raykd.data.samples import Layout
+    from raykd.pipeline import DataPlan, first_epoch_rows
+
+    job = job_from_dict({"data": {"source": str(tmp_path)}})
+    cache = LabelCache(str(tmp_path / "c"), LINEAGE).open()
+    cache.write_shard(rows([1, 2, 3]))
+    train = SampleSet.of(10, np.array([0, 1, 2, 3, 4, 5]))
+    plan = DataPlan(None, None, Layout(np.array([10])), train, {}, cache, SampleSet(10), False,
+                    None)
+
+    def sets(r):
+        return [x.indices().tolist() for x in (r.todo, r.from_cache, r.to_label)]
+
+    assert sets(first_epoch_rows(job, plan)) == [[0, 1, 2, 3, 4, 5], [1, 2, 3], [0, 4, 5]]
+    done = SampleSet.of(10, np.array([0, 1]))  # a checkpoint's ledger
+    assert sets(first_epoch_rows(job, plan, done)) == [[2, 3, 4, 5], [2, 3], [4, 5]]
+    cache.write_shard(rows([4]))  # written through before the restart: found now
+    assert sets(first_epoch_rows(job, plan, done)) == [[2, 3, 4, 5], [2, 3, 4], [5]]
+    plan.cache = None
+    assert sets(first_epoch_rows(job, plan, done)) == [[2, 3, 4, 5], [], [2, 3, 4, 5]]
+    job.teacher.colocated = True
+    assert sets(first_epoch_rows(job, plan, done)) == [[2, 3, 4, 5], [], []]
+
+
 def test_lineage_mismatch_names_the_field(tmp_path):
     LabelCache(str(tmp_path), LINEAGE).open()
     other = dataclasses.replace(LINEAGE, top_k=8)

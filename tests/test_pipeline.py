@@ -282,46 +282,50 @@ def test_a_streamed_label_block_reaches_the_student_before_the_next_exists(ray_c
     assert max(waits) < wait_s / 2, waits
 
 
-def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster, monkeypatch):
+def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
     """StudentThreads against a real PoolStats actor: a worker keeps to its own CPUs while
     the pass is labelling, then runs torch on its share of the replicas' CPUs on its node
     (never more than its share of the node's cores), and gives them back when a new pass
-    starts, when its epoch streams from a pool PoolStats does not track, or when off."""
-    import os
+    starts, or at once when its epoch is labelled by a pool of its own; off, it never
+    takes them. A step never waits for PoolStats' answer."""
+    import time
 
     import ray
     import torch
 
     from raykd import telemetry
-    from raykd.student.threads import StudentThreads
+    from raykd.student.threads import StudentThreads, node_cores
 
-    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
     name = "raykd-pool-threads-test"
     pool = telemetry.start(name)
     before = torch.get_num_threads()
     try:
         node = ray.get_runtime_context().get_node_id()
-        telemetry.expect(name, 16)
-        ray.get([pool.hello.remote("r1", node, 4.0), pool.hello.remote("r2", "other", 4.0)])
-        pair = StudentThreads(name, own=1, workers_on_node=2, every_s=0)
-        assert pair.update() == 1 and pair.raised_at is None
-        ray.get(pool.add.remote("r1", 8, 512, 0.1))
-        assert pair.update() == 1  # half labelled
-        ray.get(pool.add.remote("r2", 8, 512, 0.1))
-        assert pair.update() == 3 == torch.get_num_threads()  # 1 + 4 CPUs / 2 workers
+        first = telemetry.expect(name, 16)
+        ray.get([pool.hello.remote("r1", node, 4.0, first),
+                 pool.hello.remote("r2", "other", 4.0, first)])
+        pair = StudentThreads(name, own=1, workers_on_node=2, every_s=0, cores=8)
+        assert pair.update(force=True) == 1 and pair.raised_at is None
+        ray.get(pool.add.remote("r1", 8, 512, 0.1, first))
+        assert pair.update(force=True) == 1  # half labelled
+        ray.get(pool.add.remote("r2", 8, 512, 0.1, first))
+        assert pair.update(force=True) == 3 == torch.get_num_threads()  # 1 + 4 CPUs / 2
         assert pair.raised_at is not None
         assert pair.update(teacher_may_run=True) == 1 == torch.get_num_threads()
-        assert pair.update() == 3
+        # Without force the answer is taken on a later step, once it has come.
+        deadline = time.monotonic() + 10
+        while pair.update() != 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pair.now == 3
 
-        slow = StudentThreads(name, own=1, workers_on_node=2, every_s=3600)
-        assert slow.update() == 3 and slow.update(teacher_may_run=True) == 3  # not polled
-        capped = StudentThreads(name, own=2, workers_on_node=4, every_s=0)
-        assert capped.update() == 2  # 8 cores / 4 workers: already at its share
+        capped = StudentThreads(name, own=2, workers_on_node=4, every_s=0, cores=8)
+        assert capped.update(force=True) == 2  # 8 cores / 4 workers: already at its share
         off = StudentThreads(name, own=1, workers_on_node=2, enabled=False, every_s=0)
-        assert off.update() == 1
+        assert off.update(force=True) == 1
+        assert 1 <= node_cores(node) <= 4  # this Ray node has 4 CPUs
 
         telemetry.expect(name, 8)  # a worker-group restart: a new pool, nothing labelled
-        assert pair.update() == 1 == torch.get_num_threads()
+        assert pair.update(force=True) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
         telemetry.stop(pool)
@@ -330,16 +334,18 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster, monkeypatch):
 def test_one_worker_takes_the_teachers_cpu_once_labelling_is_done(ray_cluster, teacher_dir,
                                                                  tmp_path):
     """End to end: the driver announces the pass, the replica says where it runs, and the
-    worker (1 CPU, beside the 1-CPU replica) trains on both cores once the pool is done."""
+    worker (1 CPU, beside the 1-CPU replica) trains on both cores once the pool is done,
+    not before."""
     import os
 
     from raykd.runner import run
 
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: there is no teacher's core to take")
     raw = tiny_job(teacher_dir, tmp_path, "threads")
     raw["train"]["num_workers"] = 1
     s = run(job_from_dict(raw), log=lambda _: None).summary
     assert s["status"] == "succeeded" and s["samples_repeated"] == 0
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("one core: there is no teacher's core to take")
     assert s["student_threads"] == 2
-    assert s["threads_raised_after_s"] is not None and s["threads_raised_after_s"] >= 0
+    final = read_metrics(tmp_path / "threads" / "metrics.jsonl")[-1]
+    assert final["threads_raised_at"] >= final["labeled_at_max"] > 0

@@ -93,25 +93,35 @@ def test_auto_is_live_only_on_a_terminal():
 
 def test_pool_stats_say_when_the_teachers_cpus_are_idle():
     """A labelling pass's replicas free their node's CPUs once it has labelled all its rows;
-    a new pass (a worker-group restart) starts from nothing labelled."""
+    a new pass (a worker-group restart) starts from nothing labelled, and reports from
+    another pass's pool do not count towards it."""
     stats = telemetry.PoolStats()
-    stats.hello("early", "n1", 1.0)
+    stats.hello("eval", "n1", 1.0)  # a pool outside the passes (the held-out set's)
     assert stats.idle_cpus("n1") == 0  # no pass announced: nothing is known to be done
-    stats.expect(16)
-    stats.hello("a", "n1", 2.0)
-    stats.hello("b", "n2", 4.0)
-    stats.add("a", rows=8, tokens=512, busy_s=0.1)
+    first = stats.expect(16)
+    stats.hello("a", "n1", 2.0, first)
+    stats.hello("b", "n2", 4.0, first)
+    stats.add("a", rows=8, tokens=512, busy_s=0.1, pass_id=first)
+    stats.add("eval", rows=8, tokens=512, busy_s=0.1)
     assert stats.idle_cpus("n1") == 0
-    stats.add("b", rows=8, tokens=512, busy_s=0.1)
-    # "early" said hello before the pass: it belongs to an earlier pool.
+    stats.add("b", rows=8, tokens=512, busy_s=0.1, pass_id=first)
     assert stats.idle_cpus("n1") == 2.0 and stats.idle_cpus("n2") == 4.0
     assert stats.idle_cpus("n3") == 0
-    stats.expect(8)
-    assert stats.idle_cpus("n1") == 0  # the restart's pool has not labelled anything yet
-    stats.hello("c", "n1", 1.0)
-    stats.add("c", rows=8, tokens=512, busy_s=0.1)
+    assert stats.rows == 24  # the totals count every pool
+
+    second = stats.expect(8)  # a restart
+    assert second == first + 1 and stats.idle_cpus("n1") == 0
+    stats.add("a", rows=8, tokens=512, busy_s=0.1, pass_id=first)  # the old pool's late batch
+    assert stats.idle_cpus("n1") == 0
+    stats.hello("c", "n1", 1.0, second)
+    stats.add("c", rows=8, tokens=512, busy_s=0.1, pass_id=second)
     assert stats.idle_cpus("n1") == 1.0
+
     stats.expect(0)  # everything cached: no pool starts, and no replica holds CPUs
+    assert stats.idle_cpus("n1") == 0
+    stats.expect(8)
+    stats.hello("d", "n1", 1.0, -1)  # a pool whose announcement failed: it may still run
+    stats.add("d", rows=8, tokens=512, busy_s=0.1, pass_id=-1)
     assert stats.idle_cpus("n1") == 0
 
 

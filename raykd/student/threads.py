@@ -6,10 +6,14 @@ the rest of the run is the students' alone (queued labels, then the label cache)
 few seconds each CPU worker asks the run's PoolStats (raykd.telemetry) how many CPUs the
 current labelling pass's replicas held on its node, once that pass has labelled all its
 rows, and runs torch on its share of them too. A new pass (a worker-group restart) starts
-with nothing labelled, so the workers drop back to their own CPUs until it is done.
+with nothing labelled, so the workers drop back to their own CPUs until it is done; so
+do epochs labelled by a pool of their own (later epochs without a label cache).
 
-Ray still counts the idle replicas' CPUs as theirs until the epoch's dataset ends; the
-threads only use cores that Ray's own accounting gave to a teacher with nothing left to do.
+The threads keep those cores for the rest of the run. Ray frees the replicas' CPUs when
+the first epoch's dataset ends, and may then schedule other work there (on embedded Ray,
+the label cache's read tasks; on a shared cluster, other jobs): `train.reuse_teacher_cpus:
+false` keeps each worker to its own CPUs. A run whose first epoch needs no teacher (all
+cached, or resumed in a later epoch) starts no pool, and its workers keep their own.
 """
 
 from __future__ import annotations
@@ -19,58 +23,84 @@ import time
 from typing import Any
 
 from raykd import telemetry
+from raykd.student.config import TrainConfig
 
 
 class StudentThreads:
     """Sets torch's thread count between steps; `now` is the current count."""
 
     def __init__(self, stats_name: str | None, own: int, workers_on_node: int,
-                 enabled: bool = True, every_s: float = 5.0):
+                 enabled: bool = True, every_s: float = 5.0, cores: int | None = None):
         import ray
 
         self.own = self.now = max(1, own)
         self.actor = telemetry.find(stats_name) if enabled else None
         self.node = ray.get_runtime_context().get_node_id() if self.actor is not None else ""
         self.workers_on_node = max(1, workers_on_node)
+        if cores is None and self.actor is not None:
+            cores = node_cores(self.node)
         # Never more threads than the node has cores for each worker on it.
-        self.most = max(self.own, len(os.sched_getaffinity(0)) // self.workers_on_node)
+        self.most = max(self.own, (cores or self.own) // self.workers_on_node)
         self.every_s = every_s
         self.polled = float("-inf")
+        self.pending: Any = None  # an idle_cpus call in flight: steps never wait on it
         self.raised_at: float | None = None  # when the teacher's CPUs were first taken
 
     def update(self, teacher_may_run: bool = False, force: bool = False) -> int:
-        """At most every `every_s` (or now, with `force`): own CPUs + this worker's share
-        of the idle teacher's. teacher_may_run: the epoch streams from a pool PoolStats
-        does not track (a later epoch with no label cache): keep to the worker's own."""
-        if self.actor is None:
-            return self.now
-        now = time.monotonic()
-        if now - self.polled < self.every_s and not force:
-            return self.now
-        self.polled = now
-        idle = 0.0 if teacher_may_run else self._idle_cpus()
-        want = min(self.most, self.own + int(idle // self.workers_on_node))
-        if want != self.now:
-            import torch
-
-            torch.set_num_threads(want)
-            if want > self.own and self.raised_at is None:
-                self.raised_at = time.time()
-            self.now = want
-        return self.now
-
-    def _idle_cpus(self) -> float:
+        """Own CPUs + this worker's share of the idle teacher's, from PoolStats' answer to
+        a call sent at most every `every_s` and taken when it has come (with `force`: sent
+        now and waited for). teacher_may_run: the epoch is labelled by a pool of its own,
+        which PoolStats does not track (a later epoch without a label cache)."""
         import ray
 
+        if self.actor is None:
+            return self.now
+        if teacher_may_run:
+            return self._set(self.own)
+        now = time.monotonic()
+        if self.pending is None and (force or now - self.polled >= self.every_s):
+            self.pending = self.actor.idle_cpus.remote(self.node)
+            self.polled = now
+        if self.pending is None:
+            return self.now
+        ready, _ = ray.wait([self.pending], timeout=5.0 if force else 0)
+        if not ready:
+            return self.now
         try:
-            return float(ray.get(self.actor.idle_cpus.remote(self.node), timeout=5.0))
+            idle = float(ray.get(self.pending))
         except Exception:  # noqa: BLE001 - telemetry must never fail a run
-            return 0.0
+            idle = 0.0
+        self.pending = None
+        return self._set(min(self.most, self.own + int(idle // self.workers_on_node)))
+
+    def _set(self, threads: int) -> int:
+        if threads != self.now:
+            import torch
+
+            torch.set_num_threads(threads)
+            if threads > self.own and self.raised_at is None:
+                self.raised_at = time.time()
+            self.now = threads
+        return self.now
 
 
-def for_worker(plan: dict[str, Any], train: Any, workers_on_node: int) -> StudentThreads | None:
-    """The worker's StudentThreads, or None when it trains on GPU."""
-    if train.use_gpu:
+def node_cores(node: str) -> int:
+    """The cores a worker here may use: this process's CPU affinity (os.cpu_count where
+    there is none, as on macOS), and no more than the CPUs Ray gives `node` (on a
+    Kubernetes pod, its CPU limit)."""
+    import ray
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    ray_cpus = next((n.get("Resources", {}).get("CPU") for n in ray.nodes()
+                     if n.get("NodeID") == node), None)
+    return min(cores, int(ray_cpus)) if ray_cpus else cores
+
+
+def for_worker(plan: dict[str, Any], train: TrainConfig, colocated: bool,
+               workers_on_node: int) -> StudentThreads | None:
+    """The worker's StudentThreads; None on GPU, or with a co-located teacher (no pool)."""
+    if train.use_gpu or colocated:
         return None
     return StudentThreads(plan.get("stats"), int(train.cpus_per_worker), workers_on_node,
                           enabled=train.reuse_teacher_cpus)

@@ -77,7 +77,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    threads = for_worker(plan, train, ctx.get_local_world_size())  # + the idle teacher's
+    # Its own CPUs, then the idle teacher's too (raykd.student.threads).
+    threads = for_worker(plan, train, job.teacher.colocated, ctx.get_local_world_size())
     torch.manual_seed(job.run.seed)  # same seed on every rank: identical initial students
 
     if job.student.model is not None:
@@ -155,10 +156,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     done = max_steps_reached = False
     epoch_seconds: dict[int, float] = {}
     loop_started = time.time()
+    teacher_may_run = False  # the epoch is labelled by a pool of its own (no label cache)
     for epoch in range(progress.epoch, train.epochs):
         progress.epoch = epoch
         epoch_started = time.time()
         shard = shards["train" if epoch == first_epoch else "later"]
+        teacher_may_run = epoch != first_epoch and plan["later_epochs_streamed"]
         if epoch == first_epoch and first_batches is not None:
             epoch_batches = first_batches
         else:
@@ -169,9 +172,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          lambda: window)  # noqa: B023 - the window of the moment, on purpose
         for batch in _synced(batches, lambda: _empty_batch(job, vocab_size), device):
             engine.train()
-            if threads is not None:  # a later epoch without a cache streams a fresh pool
-                threads.update(teacher_may_run=(epoch != first_epoch
-                                                and plan["later_epochs_streamed"]))
+            if threads is not None:
+                threads.update(teacher_may_run)
             keep = _exactly_once(batch, progress, epoch, rank, world, train.micro_batch_size,
                                  device)
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -222,11 +224,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _check_epoch(progress, epoch, plan["train_samples"])
     metrics = _last_window_metrics(window, float(engine.get_lr()[0]), device, progress)
     if threads is not None:  # the last evaluation is the students' alone too
-        threads.update(force=True)
+        threads.update(teacher_may_run, force=True)
     metrics.update(evaluate_now())
     metrics["first_step_time"] = first_step_time or 0.0
     if threads is not None and threads.raised_at is not None:
-        # When this worker took the idle teacher's CPUs, from the start of its first epoch.
+        # When this worker took the idle teacher's CPUs, and how long into its first epoch.
+        metrics["threads_raised_at"] = threads.raised_at
         metrics["threads_raised_after_s"] = round(threads.raised_at - loop_started, 3)
     # ru_maxrss is in KiB on Linux: memory must not grow with the dataset (bench/speed.py).
     metrics["worker_peak_rss_mb"] = _all_max(

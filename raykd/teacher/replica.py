@@ -53,7 +53,8 @@ class TeacherReplica:
     """Ray Data UDF: packed sequences -> packed sequences + soft labels."""
 
     def __init__(self, teacher: TeacherConfig, labels: LabelConfig, emit_nll: bool = False,
-                 vocab_limit: int | None = None, stats: str | None = None):
+                 vocab_limit: int | None = None, stats: str | None = None,
+                 pass_id: int | None = None):
         import ray
         import torch
 
@@ -91,7 +92,8 @@ class TeacherReplica:
                            if ray.is_initialized() else "")
         if self.stats is not None:
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-            self.stats.hello.remote(self.replica_id, node, float(teacher.num_cpus))
+            self.stats.hello.remote(self.replica_id, node, float(teacher.num_cpus), pass_id)
+        self.pass_id = pass_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -110,7 +112,7 @@ class TeacherReplica:
         if self.stats is not None:
             self.stats.add.remote(self.replica_id, int(ids.shape[0]),
                                   int(np.asarray(batch["length"]).sum()),
-                                  time.perf_counter() - started)
+                                  time.perf_counter() - started, self.pass_id)
         return {**batch, **out}
 
 
