@@ -49,7 +49,7 @@ def test_the_first_epoch_labels_only_what_the_cache_and_the_checkpoint_lack(tmp_
     from raykd.data.samples import Layout
     from raykd.pipeline import DataPlan, first_epoch_rows
 
-    job = job_from_dict({"data": {"source": str(tmp_path)}})
+    job = job_from_dict({"data": {"source": str(tmp_path)}, "teacher": {"model": "t"}})
     cache = LabelCache(str(tmp_path / "c"), LINEAGE).open()
     cache.write_shard(rows([1, 2, 3]))
     train = SampleSet.of(10, np.array([0, 1, 2, 3, 4, 5]))
