@@ -288,7 +288,6 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
     (never more than its share of the node's cores), and gives them back when a new pass
     starts, or at once when its epoch is labelled by a pool of its own; off, it never
     takes them. A step never waits for PoolStats' answer."""
-    import time
 
     import ray
     import torch
@@ -312,11 +311,11 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
         assert pair.update(force=True) == 3 == torch.get_num_threads()  # 1 + 4 CPUs / 2
         assert pair.raised_at is not None
         assert pair.update(teacher_may_run=True) == 1 == torch.get_num_threads()
-        # Without force the answer is taken on a later step, once it has come.
-        deadline = time.monotonic() + 10
-        while pair.update() != 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pair.now == 3
+        # Without force, the update after a step takes the answer to the call that the
+        # update before it sent (the forced update sent one on, every_s being 0).
+        assert pair.pending is not None
+        ray.wait([pair.pending], timeout=10)
+        assert pair.update() == 3 == torch.get_num_threads()
 
         capped = StudentThreads(name, own=2, workers_on_node=4, every_s=0, cores=8)
         assert capped.update(force=True) == 2  # 8 cores / 4 workers: already at its share

@@ -2,10 +2,12 @@
 
 Where teacher replicas and students share a node (embedded Ray on a laptop, a CPU node
 holding both), the replicas' cores idle once the pool has labelled what the epoch needs:
-the rest of the run is the students' alone (queued labels, then the label cache). Every
-few seconds each CPU worker asks the run's PoolStats (raykd.telemetry) how many CPUs the
+the rest of the run is the students' alone (queued labels, then the label cache). Each
+CPU worker asks the run's PoolStats (raykd.telemetry) how many CPUs the
 current labelling pass's replicas held on its node, once that pass has labelled all its
-rows, and runs torch on its share of them too. A new pass (a worker-group restart) starts
+rows, and runs torch on its share of them too. It asks after each step and reads the
+answer before the next (at most once a second), so the step after the pool's last batch
+already runs on the teacher's cores. A new pass (a worker-group restart) starts
 with nothing labelled, so the workers drop back to their own CPUs until it is done; so
 do epochs labelled by a pool of their own (later epochs without a label cache).
 
@@ -30,7 +32,7 @@ class StudentThreads:
     """Sets torch's thread count between steps; `now` is the current count."""
 
     def __init__(self, stats_name: str | None, own: int, workers_on_node: int,
-                 enabled: bool = True, every_s: float = 5.0, cores: int | None = None):
+                 enabled: bool = True, every_s: float = 1.0, cores: int | None = None):
         import ray
 
         self.own = self.now = max(1, own)
@@ -48,30 +50,38 @@ class StudentThreads:
 
     def update(self, teacher_may_run: bool = False, force: bool = False) -> int:
         """Own CPUs + this worker's share of the idle teacher's, from PoolStats' answer to
-        a call sent at most every `every_s` and taken when it has come (with `force`: sent
-        now and waited for). teacher_may_run: the epoch is labelled by a pool of its own,
-        which PoolStats does not track (a later epoch without a label cache)."""
+        the call sent by an earlier update (with `force`: a call sent now, and waited
+        for). A new call goes out once the last is answered, at most every `every_s`; the
+        train loop updates after each step and before the next, so with steps longer
+        than `every_s` each step knows the state as of the end of the one before.
+        teacher_may_run: the epoch is labelled by a pool of its own, which PoolStats does
+        not track (a later epoch without a label cache)."""
         import ray
 
         if self.actor is None:
             return self.now
         if teacher_may_run:
             return self._set(self.own)
-        now = time.monotonic()
-        if self.pending is None and (force or now - self.polled >= self.every_s):
-            self.pending = self.actor.idle_cpus.remote(self.node)
-            self.polled = now
-        if self.pending is None:
-            return self.now
-        ready, _ = ray.wait([self.pending], timeout=5.0 if force else 0)
-        if not ready:
-            return self.now
-        try:
-            idle = float(ray.get(self.pending))
-        except Exception:  # noqa: BLE001 - telemetry must never fail a run
-            idle = 0.0
-        self.pending = None
-        return self._set(min(self.most, self.own + int(idle // self.workers_on_node)))
+        if force:
+            self._send()  # an answer already in flight may predate what force must see
+        threads = self.now
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=5.0 if force else 0)
+            if ready:
+                try:
+                    idle = float(ray.get(self.pending))
+                except Exception:  # noqa: BLE001 - telemetry must never fail a run
+                    idle = 0.0
+                self.pending = None
+                threads = self._set(min(self.most,
+                                        self.own + int(idle // self.workers_on_node)))
+        if self.pending is None and time.monotonic() - self.polled >= self.every_s:
+            self._send()  # answered by the next update, without a step waiting on it
+        return threads
+
+    def _send(self) -> None:
+        self.pending = self.actor.idle_cpus.remote(self.node)
+        self.polled = time.monotonic()
 
     def _set(self, threads: int) -> int:
         if threads != self.now:

@@ -183,6 +183,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(parts.loss)
             engine.step()
+            if threads is not None:
+                # Asked now, answered while the next batch comes: the next step then runs
+                # on threads that know the pool's state as of this step's end.
+                threads.update(teacher_may_run)
 
             n = int(keep.sum())
             progress.rows += n
