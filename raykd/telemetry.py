@@ -5,9 +5,10 @@ Train workers, so each replica reports every labelled batch to one small named a
 run (fire-and-forget: a replica never waits on it). Rank 0 of the students and the
 driver's progress printer read it.
 
-    TeacherReplica --add(replica, rows, tokens, busy_s)--> PoolStats <--snapshot()-- rank 0
-                                                                     <--snapshot()-- Follower
-    FirstEpoch (each worker-group start) --expect(rows)--> PoolStats <--idle_cpus(node)-- workers
+    TeacherReplica --hello(replica, node, cpus, pass_id)-->
+                   --add(replica, rows, tokens, busy_s, pass_id, first)--> PoolStats
+    FirstEpoch (each worker-group start) --expect(rows)-->      PoolStats
+    PoolStats <--snapshot()-- rank 0, Follower     PoolStats <--idle_cpus(node)-- workers
 
 `expect` and `idle_cpus` let CPU students use the teacher's cores once it is done (see
 raykd.student.threads).
@@ -44,44 +45,54 @@ class PoolStats:
         self.expected = 0
         self.pass_rows = 0
         self.cpus: dict[str, dict[str, float]] = {}  # node id -> replica id -> CPUs
+        self.batches: set[int] = set()  # the first sample_index of each batch counted
         self.unannounced = False  # a pool runs whose pass was never announced
 
     def add(self, replica: str, rows: int, tokens: int, busy_s: float,
-            pass_id: int | None = None) -> None:
+            pass_id: int | None = None, first: int | None = None) -> None:
+        """One labelled batch. first: its first row's sample_index, so that a batch
+        labelled again (a block retried after a replica died) counts once in its pass."""
         self.rows += rows
         self.tokens += tokens
         self.busy_s += busy_s
         self.replicas[replica] = time.time()
-        if self._in_pass(pass_id):
+        self._note_unannounced(pass_id)
+        if self._in_pass(pass_id) and (first is None or first not in self.batches):
             self.pass_rows += rows
+            if first is not None:
+                self.batches.add(first)
 
     def hello(self, replica: str, node: str = "", cpus: float = 0.0,
               pass_id: int | None = None) -> None:
         self.replicas.setdefault(replica, time.time())
+        self._note_unannounced(pass_id)
         if self._in_pass(pass_id) and node:
             self.cpus.setdefault(node, {})[replica] = cpus
 
     def expect(self, rows: int) -> int:
         """A new labelling pass of `rows` rows starts: its id, for its replicas' reports."""
         self.current += 1
-        self.expected, self.pass_rows, self.cpus = rows, 0, {}
+        self.expected, self.pass_rows, self.cpus, self.batches = rows, 0, {}, set()
         self.unannounced = False
         return self.current
 
     def idle_cpus(self, node: str) -> float:
         """The CPUs the current pass's replicas hold on `node` once it has labelled all its
-        rows, else 0. A retried batch is counted twice, so this may come a batch early."""
+        rows, else 0."""
         if self.current == 0 or self.unannounced or self.pass_rows < self.expected:
             return 0.0
         return float(sum(self.cpus.get(node, {}).values()))
 
     def _in_pass(self, pass_id: int | None) -> bool:
         """Whether a report belongs to the current pass. None: a pool outside the passes
-        (the held-out set's, a later epoch's without a cache). A negative id: a pool whose
-        announcement failed, which holds the teacher's CPUs until the next pass."""
+        (the held-out set's, a later epoch's without a cache)."""
+        return pass_id is not None and pass_id == self.current
+
+    def _note_unannounced(self, pass_id: int | None) -> None:
+        """A negative id: a pool whose announcement failed. It holds the teacher's CPUs
+        until the next pass, so none are idle before it."""
         if pass_id is not None and pass_id < 0:
             self.unannounced = True
-        return pass_id is not None and pass_id == self.current
 
     def snapshot(self) -> dict[str, Any]:
         return {"time": time.time(), "rows": self.rows, "tokens": self.tokens,

@@ -94,7 +94,7 @@ def test_auto_is_live_only_on_a_terminal():
 def test_pool_stats_say_when_the_teachers_cpus_are_idle():
     """A labelling pass's replicas free their node's CPUs once it has labelled all its rows;
     a new pass (a worker-group restart) starts from nothing labelled, and reports from
-    another pass's pool do not count towards it."""
+    another pass's pool, or of a batch labelled twice, do not count towards it."""
     stats = telemetry.PoolStats()
     stats.hello("eval", "n1", 1.0)  # a pool outside the passes (the held-out set's)
     assert stats.idle_cpus("n1") == 0  # no pass announced: nothing is known to be done
@@ -115,6 +115,14 @@ def test_pool_stats_say_when_the_teachers_cpus_are_idle():
     assert stats.idle_cpus("n1") == 0
     stats.hello("c", "n1", 1.0, second)
     stats.add("c", rows=8, tokens=512, busy_s=0.1, pass_id=second)
+    assert stats.idle_cpus("n1") == 1.0
+
+    third = stats.expect(16)
+    stats.hello("e", "n1", 1.0, third)
+    stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=0)
+    stats.add("f", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=0)  # a retried batch
+    assert stats.idle_cpus("n1") == 0  # 8 of 16 rows, not 16
+    stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=8)
     assert stats.idle_cpus("n1") == 1.0
 
     stats.expect(0)  # everything cached: no pool starts, and no replica holds CPUs

@@ -88,10 +88,10 @@ class TeacherReplica:
         self.stats = telemetry.find(stats)
         # Outside Ray (benches, tests) there is no actor id, and asking for the runtime
         # context would start a whole local Ray instance.
-        self.replica_id = (ray.get_runtime_context().get_actor_id() or ""
-                           if ray.is_initialized() else "")
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.replica_id = (context.get_actor_id() or "") if context is not None else ""
         if self.stats is not None:
-            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+            node = context.get_node_id() if context is not None else ""
             self.stats.hello.remote(self.replica_id, node, float(teacher.num_cpus), pass_id)
         self.pass_id = pass_id
 
@@ -110,9 +110,11 @@ class TeacherReplica:
         out["labeled_at"] = np.full((ids.shape[0],), time.time(), dtype=np.float64)
         out["from_cache"] = np.zeros((ids.shape[0],), dtype=np.int8)
         if self.stats is not None:
+            first = batch.get("sample_index")
             self.stats.add.remote(self.replica_id, int(ids.shape[0]),
                                   int(np.asarray(batch["length"]).sum()),
-                                  time.perf_counter() - started, self.pass_id)
+                                  time.perf_counter() - started, self.pass_id,
+                                  int(first[0]) if first is not None and len(first) else None)
         return {**batch, **out}
 
 
