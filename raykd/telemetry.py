@@ -57,9 +57,13 @@ class PoolStats:
         self.busy_s += busy_s
         self.replicas[replica] = time.time()
         self._note_unannounced(pass_id)
+        # A retried block is labelled again in the same batches (Ray Data retries an
+        # actor task with the same input). Were it re-batched otherwise, its rows would
+        # count twice, and the workers would take the cores a batch early, as without
+        # `first`. Once the pass is done no report changes the answer: nothing is kept.
         if self._in_pass(pass_id) and (first is None or first not in self.batches):
             self.pass_rows += rows
-            if first is not None:
+            if first is not None and self.pass_rows < self.expected:
                 self.batches.add(first)
 
     def hello(self, replica: str, node: str = "", cpus: float = 0.0,
@@ -78,7 +82,7 @@ class PoolStats:
 
     def idle_cpus(self, node: str) -> float:
         """The CPUs the current pass's replicas hold on `node` once it has labelled all its
-        rows, else 0."""
+        rows, else 0. A batch reported without `first` counts each time it is reported."""
         if self.current == 0 or self.unannounced or self.pass_rows < self.expected:
             return 0.0
         return float(sum(self.cpus.get(node, {}).values()))

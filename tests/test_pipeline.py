@@ -288,6 +288,7 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
     (never more than its share of the node's cores), and gives them back when a new pass
     starts, or at once when its epoch is labelled by a pool of its own; off, it never
     takes them. A step never waits for PoolStats' answer."""
+    import time
 
     import ray
     import torch
@@ -316,6 +317,13 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
         assert pair.pending is not None
         ray.wait([pair.pending], timeout=10)
         assert pair.update() == 3 == torch.get_num_threads()
+        # An answer that has not come does not hold the step up.
+        slow = ray.remote(num_cpus=0)(time.sleep).remote(60)
+        pair.pending, started = slow, time.monotonic()
+        assert pair.update() == 3 and time.monotonic() - started < 1.0
+        assert pair.pending is slow
+        ray.cancel(slow, force=True)
+        pair.pending = None
 
         capped = StudentThreads(name, own=2, workers_on_node=4, every_s=0, cores=8)
         assert capped.update(force=True) == 2  # 8 cores / 4 workers: already at its share

@@ -117,12 +117,15 @@ def test_pool_stats_say_when_the_teachers_cpus_are_idle():
     stats.add("c", rows=8, tokens=512, busy_s=0.1, pass_id=second)
     assert stats.idle_cpus("n1") == 1.0
 
-    third = stats.expect(16)
+    third = stats.expect(24)
     stats.hello("e", "n1", 1.0, third)
+    stats.add("a", rows=8, tokens=512, busy_s=0.1, pass_id=second, first=8)  # a late report
     stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=0)
     stats.add("f", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=0)  # a retried batch
-    assert stats.idle_cpus("n1") == 0  # 8 of 16 rows, not 16
-    stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=8)
+    assert stats.idle_cpus("n1") == 0  # 8 of 24 rows, not 16
+    stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third, first=8)  # not the late one
+    assert stats.idle_cpus("n1") == 0
+    stats.add("e", rows=8, tokens=512, busy_s=0.1, pass_id=third)  # no first: counted
     assert stats.idle_cpus("n1") == 1.0
 
     stats.expect(0)  # everything cached: no pool starts, and no replica holds CPUs

@@ -3,13 +3,14 @@
 Where teacher replicas and students share a node (embedded Ray on a laptop, a CPU node
 holding both), the replicas' cores idle once the pool has labelled what the epoch needs:
 the rest of the run is the students' alone (queued labels, then the label cache). Each
-CPU worker asks the run's PoolStats (raykd.telemetry) how many CPUs the
-current labelling pass's replicas held on its node, once that pass has labelled all its
-rows, and runs torch on its share of them too. It asks after each step and reads the
-answer before the next (at most once a second), so the step after the pool's last batch
-already runs on the teacher's cores. A new pass (a worker-group restart) starts
-with nothing labelled, so the workers drop back to their own CPUs until it is done; so
-do epochs labelled by a pool of their own (later epochs without a label cache).
+CPU worker asks the run's PoolStats (raykd.telemetry) how many CPUs the current
+labelling pass's replicas held on its node, once that pass has labelled all its rows, and
+runs torch on its share of them too. It asks after each step and reads the answer before
+the next (at most once a second), so usually the step after the pool's last batch
+already runs on the teacher's cores (if the answer is late, the one after). A new pass
+(a worker-group restart) starts with nothing labelled, so the workers drop back to their
+own CPUs until it is done; so do epochs labelled by a pool of their own (later epochs
+without a label cache).
 
 The threads keep those cores for the rest of the run. Ray frees the replicas' CPUs when
 the first epoch's dataset ends, and may then schedule other work there (on embedded Ray,
@@ -53,7 +54,8 @@ class StudentThreads:
         the call sent by an earlier update (with `force`: a call sent now, and waited
         for). A new call goes out once the last is answered, at most every `every_s`; the
         train loop updates after each step and before the next, so with steps longer
-        than `every_s` each step knows the state as of the end of the one before.
+        than `every_s` a step usually knows the state as of the end of the one before
+        (a step whose answer is late knows it at the next).
         teacher_may_run: the epoch is labelled by a pool of its own, which PoolStats does
         not track (a later epoch without a label cache)."""
         import ray
