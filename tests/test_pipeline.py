@@ -318,7 +318,7 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
         ray.wait([pair.pending], timeout=10)
         assert pair.update() == 3 == torch.get_num_threads()
         # An answer that has not come does not hold the step up.
-        slow = ray.remote(num_cpus=0)(time.sleep).remote(60)
+        slow = ray.remote(num_cpus=0)(lambda: time.sleep(60)).remote()
         pair.pending, started = slow, time.monotonic()
         assert pair.update() == 3 and time.monotonic() - started < 1.0
         assert pair.pending is slow
