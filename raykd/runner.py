@@ -8,6 +8,7 @@ Run it on a laptop's CPU with `raykd run jobs/quickstart.yaml`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,27 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
             "wall_s": round(time.time() - started, 1)}
 
 
+@contextlib.contextmanager
+def _sigint_given_back() -> Iterator[None]:
+    """Ray Train's fit() installs a Ctrl-C handler that holds its controller actor, and
+    leaves it installed: the controller, and the run's DatasetManager and split
+    coordinators under it, then stay alive (idle, ~0.01 of a core each) until the next
+    fit. Putting the caller's handler back lets them end with the run, for callers that
+    run several jobs in one process (notebooks, sweeps, bench.speed)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # fit() installs no handler off the main thread either
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if before is not None:  # None: a handler not set from Python, which stays
+            signal.signal(signal.SIGINT, before)
+
+
 def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path,
              on_cluster: bool, log: Callable[[str], None], first_epoch: Any = None,
              pool: Any = None) -> dict[str, Any]:
@@ -185,7 +207,7 @@ def _distill(job: JobConfig, data: pipeline.DataPlan, model_dir: str, path: Path
     elif first_epoch is not None:
         to_label, note = 0, "labels given in memory"
     with Follower(path / "metrics.jsonl", total_steps, to_label, job.run.progress, log, pool,
-                  note=note):
+                  note=note), _sigint_given_back():
         try:
             result = trainer.fit()
             error = result.error

@@ -4,6 +4,8 @@ teacher pool -> streamed soft labels -> 2 DeepSpeed workers -> exported student.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +189,23 @@ def test_max_steps_stops_early(ray_cluster, teacher_dir, tmp_path):
     assert s["status"] == "succeeded" and s["steps"] == 3
     assert s["samples_unique"] == 3 * 8 and s["samples_repeated"] == 0
     assert s["rows_per_epoch"] == [24]
+    # The run's Ray Train controller ends with it: Ray Train's Ctrl-C handler, which holds
+    # it, is taken down again (raykd.runner._sigint_given_back).
+    deadline = time.monotonic() + 30
+    while train_controllers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert train_controllers() == 0
+
+
+def train_controllers() -> int:
+    """Processes of Ray Train controller actors on this machine."""
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            n += Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::TrainController")
+        except OSError:
+            continue  # gone between listing and reading
+    return n
 
 
 def epoch_blocks(epoch_ds) -> list[list[int]]:
@@ -255,8 +274,6 @@ def test_a_streamed_label_block_reaches_the_student_before_the_next_exists(ray_c
     of latency at every streamed epoch's start). Here block k is only produced once the
     consumer has received block k - 1, so a held-back block shows up as a wait that
     times out."""
-    import time
-
     import ray
 
     from raykd.student.train_loop import _iterate
@@ -288,8 +305,6 @@ def test_a_cpu_student_takes_the_idle_teachers_cpus(ray_cluster):
     (never more than its share of the node's cores), and gives them back when a new pass
     starts, or at once when its epoch is labelled by a pool of its own; off, it never
     takes them. A step never waits for PoolStats' answer."""
-    import time
-
     import ray
     import torch
 
@@ -343,8 +358,6 @@ def test_one_worker_takes_the_teachers_cpu_once_labelling_is_done(ray_cluster, t
     """End to end: the driver announces the pass, the replica says where it runs, and the
     worker (1 CPU, beside the 1-CPU replica) trains on both cores once the pool is done,
     not before."""
-    import os
-
     from raykd.runner import run
 
     if len(os.sched_getaffinity(0)) < 2:
