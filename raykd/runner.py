@@ -125,7 +125,7 @@ def label_only(job: JobConfig, log: Callable[[str], None] = print) -> dict[str, 
 def _sigint_given_back() -> Iterator[None]:
     """Ray Train's fit() installs a Ctrl-C handler that holds its controller actor, and
     leaves it installed: the controller, and the run's DatasetManager and split
-    coordinators under it, then stay alive (idle, ~0.01 of a core each) until the next
+    coordinators under it, then stay alive (idle, ~0.005-0.01 of a core each) until the next
     fit. Putting the caller's handler back lets them end with the run, for callers that
     run several jobs in one process (notebooks, sweeps, bench.speed)."""
     import signal
@@ -138,7 +138,7 @@ def _sigint_given_back() -> Iterator[None]:
     try:
         yield
     finally:
-        if before is not None:  # None: a handler not set from Python, which stays
+        if before is not None:  # None: set outside Python, so it cannot be put back
             signal.signal(signal.SIGINT, before)
 
 
